@@ -1,0 +1,1 @@
+"""Export pipeline: load, wrap with a static KV cache, capture, lower per target, verify, write."""

@@ -1,0 +1,120 @@
+"""``export-model``: the command line. Bad input -> one line on stderr and exit 2; failed verification -> exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SUBCOMMANDS = ("export",)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line (exit 2), without the usage dump."""
+
+    def error(self, message: str):
+        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
+
+
+def _fail(message: str) -> int:
+    print(f"export-model: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def build_parser() -> ArgumentParser:
+    from exporter import builtin, recipes
+
+    parser = ArgumentParser(
+        prog="export-model",
+        description="Export a Hugging Face causal LM to verified ExecuTorch (.pte) and ONNX artifacts.",
+    )
+    parser.add_argument("--model", required=True,
+                        help=f"hub id, local save_pretrained folder, or builtin:<name> ({', '.join(builtin.names())})")
+    parser.add_argument("--target", choices=("executorch", "onnx", "all"),
+                        help="what to produce (default: the targets of --recipe, else all)")
+    parser.add_argument("--recipe", action="append", default=[],
+                        help=f"recipe name or .toml path, once per target ({', '.join(recipes.available())})")
+    parser.add_argument("--output", required=True, type=Path, help="output folder (must not exist unless --force)")
+    parser.add_argument("--max-seq-len", type=int, help="KV cache length = longest prompt + generation (default: recipe)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output folder once verified")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
+    return parser
+
+
+def select_recipes(target: str | None, names: list[str]):
+    """Recipes for the requested targets: one per target, defaults where no --recipe names one."""
+    from exporter import recipes
+    from exporter.errors import UserError
+
+    chosen = [recipes.load(name) for name in names]
+    by_target = {}
+    for recipe in chosen:
+        if recipe.target in by_target:
+            raise UserError(f"two recipes for target {recipe.target}: {by_target[recipe.target].name}, {recipe.name}")
+        by_target[recipe.target] = recipe
+    if target is None:
+        targets = list(by_target) or list(recipes.TARGETS)
+    else:
+        targets = list(recipes.TARGETS) if target == "all" else [target]
+    for recipe in chosen:
+        if recipe.target not in targets:
+            raise UserError(f"recipe {recipe.name} is for target {recipe.target}, but --target is {target}")
+    return [by_target.get(t) or recipes.load(recipes.DEFAULT_RECIPES[t]) for t in targets]
+
+
+def cmd_export(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from exporter.errors import UserError
+    from exporter.pipeline import ExportRequest, run_export
+    from exporter.progress import Progress, table
+
+    try:
+        if args.max_seq_len is not None and args.max_seq_len < 4:
+            raise UserError(f"--max-seq-len must be at least 4, got {args.max_seq_len}")
+        request = ExportRequest(model=args.model, recipes=select_recipes(args.target, args.recipe),
+                                output=args.output, max_seq_len=args.max_seq_len, force=args.force)
+        progress = Progress(quiet=args.quiet)
+        result = run_export(request, progress)
+    except UserError as exc:
+        return _fail(str(exc))
+    print()
+    print(table(["stage", "what", "seconds"], [[s, w, f"{t:.1f}"] for s, w, t in progress.timings]))
+    print()
+    print(table(["artifact", "target", "size", "max |diff|", "top-1", "verification"], result.rows))
+    if result.passed:
+        print(f"\nverified artifacts written to {result.output}")
+        return EXIT_OK
+    print(f"\nverification FAILED; nothing written to {request.output}; report and artifacts in {result.output}",
+          file=sys.stderr)
+    return EXIT_FAILED
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``export-model`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+    if argv and argv[0] == "export":
+        argv = argv[1:]
+    try:
+        return cmd_export(argv)
+    except KeyboardInterrupt:
+        print("export-model: interrupted; nothing was written under the output name", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

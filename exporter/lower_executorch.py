@@ -1,0 +1,54 @@
+"""Lower a captured decoder to an ExecuTorch ``.pte`` with the XNNPACK backend and LLM-runner metadata."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch.export import ExportedProgram
+
+
+def runner_metadata(config, max_seq_len: int, eos_ids: list[int], bos_id: int | None) -> dict:
+    """Constant methods ExecuTorch's ``TextLLMRunner`` reads (see shared notes on runtime contracts)."""
+    metadata = {
+        "get_max_seq_len": max_seq_len,
+        "get_max_context_len": max_seq_len,
+        "get_vocab_size": int(config.vocab_size),
+        "get_eos_ids": list(eos_ids),
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": False,
+    }
+    if bos_id is not None:
+        metadata["get_bos_id"] = int(bos_id)
+    return metadata
+
+
+def lower_to_pte(program: ExportedProgram, metadata: dict) -> bytes:
+    """XNNPACK-partitioned ExecuTorch program bytes; the KV cache stays as mutable buffers in the program."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        edge = to_edge_transform_and_lower(
+            program,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=EdgeCompileConfig(_check_ir_validity=False),
+            constant_methods=metadata,
+        )
+        executorch_program = edge.to_executorch(
+            ExecutorchBackendConfig(
+                extract_delegate_segments=True,
+                memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+                sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            )
+        )
+    return executorch_program.buffer
+
+
+def write_pte(data: bytes, path: Path) -> None:
+    path.write_bytes(data)

@@ -1,0 +1,53 @@
+"""``manifest.json``: what was exported, from what, with which tools, and the hash of every file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("torch", "executorch", "transformers", "torchao", "onnx", "onnxruntime", "onnxscript",
+            "onnxruntime-genai", "tokenizers")
+TOOL_NAME = "torch-export-hf"
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of the packages that shape an artifact's bytes."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(folder: Path, exclude: tuple[str, ...] = ("manifest.json",)) -> dict[str, dict]:
+    """``{relative name: {sha256, size}}`` for every file in ``folder`` (sorted, manifest itself excluded)."""
+    entries = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name not in exclude:
+            entries[name] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    return entries
+
+
+def write_manifest(folder: Path, body: dict) -> dict:
+    """Write ``manifest.json`` = ``body`` + tool/package versions + file hashes; returns what was written."""
+    try:
+        tool_version = metadata.version(TOOL_NAME)
+    except metadata.PackageNotFoundError:
+        tool_version = None
+    manifest = {"tool": {"name": TOOL_NAME, "version": tool_version}, **body,
+                "packages": package_versions(), "files": file_entries(folder)}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    return manifest

@@ -1,0 +1,251 @@
+"""One export job: load -> wrap -> capture -> lower -> verify -> write, into a staging folder moved into place
+only when every artifact passed verification.
+
+Output folder: ``model.pte`` and/or ``model.onnx`` (+ ``model.onnx.data``, ``genai_config.json``), the tokenizer
+files, ``config.json``, ``verification.json`` and ``manifest.json``. A failed verification leaves the folder at
+``<output>.failed`` (with its report) and never under the output name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import attention
+import masks
+from exporter import loading, recipes, verify
+from exporter.errors import UserError
+from exporter.manifest import write_manifest
+from exporter.progress import Progress
+
+ATTN_IMPLEMENTATION = "export_safe"
+ARTIFACT_NAMES = {"executorch": "model.pte", "onnx": "model.onnx"}
+
+
+@dataclass
+class ExportRequest:
+    """What the user asked for (already parsed from the command line)."""
+
+    model: str
+    recipes: list[recipes.Recipe]
+    output: Path
+    max_seq_len: int | None = None
+    force: bool = False
+
+
+@dataclass
+class ExportResult:
+    passed: bool
+    output: Path
+    verification: dict
+    rows: list[list] = field(default_factory=list)
+
+
+def use_export_safe_attention() -> str:
+    """Register this project's masks and attention under one implementation name and return the name."""
+    masks.register(ATTN_IMPLEMENTATION)
+    attention.register(ATTN_IMPLEMENTATION)
+    return ATTN_IMPLEMENTATION
+
+
+def check_output(output: Path, force: bool) -> None:
+    """Refuse an existing output without ``force`` and an output folder we cannot write next to."""
+    if output.exists() and not force:
+        raise UserError(f"output {output} already exists (pass --force to replace it)")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} exists and is not a folder")
+    parent = output.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {parent} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"output folder {parent} is not writable")
+
+
+def special_ids(config, model_dir: Path) -> tuple[int | None, list[int], int | None]:
+    """(bos id, eos ids, pad id) from the config and generation config."""
+    text = config.get_text_config()
+    eos: list[int] = []
+    sources = [getattr(text, "eos_token_id", None), getattr(config, "eos_token_id", None)]
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    for value in sources:
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in eos:
+                eos.append(token)
+    bos = getattr(text, "bos_token_id", None) or getattr(config, "bos_token_id", None)
+    pad = getattr(text, "pad_token_id", None)
+    return bos, eos, pad
+
+
+def load_tokenizer(model_dir: Path, progress: Progress):
+    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
+        progress.note("no tokenizer files: verification uses seeded token ids, runner checks are skipped")
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:  # a tokenizer that cannot load must not stop the export; it is reported
+        progress.note(f"tokenizer could not be loaded ({str(exc).splitlines()[0][:120]}); runner checks skipped")
+        return None
+
+
+def resolve_max_seq_len(request: ExportRequest, config) -> int:
+    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+    wanted = request.max_seq_len if request.max_seq_len is not None else max(r.max_seq_len for r in request.recipes)
+    if request.max_seq_len is None and limit:
+        wanted = min(wanted, int(limit))
+    if wanted < 4:
+        raise UserError(f"--max-seq-len {wanted} is too small (at least 4)")
+    if limit and wanted > int(limit):
+        raise UserError(f"--max-seq-len {wanted} exceeds the model's position limit ({limit})")
+    return wanted
+
+
+def run_export(request: ExportRequest, progress: Progress) -> ExportResult:
+    """Run one export job end to end; raises UserError on bad input, returns the (possibly failed) result."""
+    output = request.output.resolve()
+    check_output(output, request.force)
+    staging = output.parent / f".{output.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        with tempfile.TemporaryDirectory(prefix="export-model-") as workdir:
+            result = _export_into(request, staging, Path(workdir), progress)
+        _publish(staging, output, result.passed)
+        result.output = output if result.passed else output.with_name(output.name + ".failed")
+        return result
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress: Progress) -> ExportResult:
+    torch.manual_seed(0)
+    with progress.stage("load", f"model {request.model}"):
+        model_dir, source_kind = loading.resolve_model_dir(request.model, workdir)
+        config = loading.read_config(model_dir)
+        max_seq_len = resolve_max_seq_len(request, config)
+        model = loading.load_model(model_dir, use_export_safe_attention())
+        bos_id, eos_ids, pad_id = special_ids(config, model_dir)
+        tokenizer = load_tokenizer(model_dir, progress)
+        progress.note(f"{config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+                      f"cache length {max_seq_len}")
+
+    artifacts = {}
+    for recipe in request.recipes:
+        artifacts[recipe.target] = _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
+                                                   staging, progress)
+    for path in loading.tokenizer_files(model_dir):
+        shutil.copy2(path, staging / path.name)
+    shutil.copy2(model_dir / "config.json", staging / "config.json")
+
+    with progress.stage("verify", "against eager transformers (default attention)"):
+        del model
+        reference_model = loading.load_model(model_dir)
+        plan = verify.default_plan(max_seq_len)
+        reference = verify.build_reference(reference_model, tokenizer, plan, set(eos_ids))
+        report = {"reference": "transformers eager, default attention implementation "
+                               f"({reference_model.config._attn_implementation})",
+                  "plan": {"prompt_lengths": [len(p) for p in reference.prompts],
+                           "decode_steps": len(reference.decode_tokens)},
+                  "artifacts": {}}
+        for recipe in request.recipes:
+            from exporter.runtime import open_session
+
+            session = open_session(staging / artifacts[recipe.target])
+            entry = verify.verify_session(session, reference, recipe.max_abs_diff, recipe.min_top1_agreement)
+            entry["recipe"] = recipe.name
+            if recipe.target == "executorch":
+                entry["stages"].append(_runner_check(staging, reference_model, tokenizer, bos_id, eos_ids,
+                                                     max_seq_len))
+                entry["passed"] = all(s.get("passed", True) for s in entry["stages"])
+            report["artifacts"][artifacts[recipe.target]] = entry
+            progress.note(f"{artifacts[recipe.target]}: {'passed' if entry['passed'] else 'FAILED'}")
+        report["passed"] = all(a["passed"] for a in report["artifacts"].values())
+    (staging / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    with progress.stage("write", "manifest and hashes"):
+        write_manifest(staging, {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "model": {"source": request.model, "kind": source_kind, "model_type": config.model_type,
+                      "architectures": getattr(config, "architectures", None)},
+            "recipes": [r.as_dict() for r in request.recipes],
+            "max_seq_len": max_seq_len,
+            "artifacts": artifacts,
+            "verification": {"passed": report["passed"], **{
+                name: {"passed": entry["passed"], "stages": {s["stage"]: s["passed"] for s in entry["stages"]}}
+                for name, entry in report["artifacts"].items()}},
+        })
+    rows = _summary_rows(staging, artifacts, report)
+    return ExportResult(passed=report["passed"], output=staging, verification=report, rows=rows)
+
+
+def _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id, staging, progress) -> str:
+    from exporter.wrappers import BufferCacheDecoder, IOCacheDecoder
+
+    name = ARTIFACT_NAMES[recipe.target]
+    if recipe.target == "executorch":
+        from exporter.capture import export_buffer_decoder
+        from exporter.lower_executorch import lower_to_pte, runner_metadata
+
+        with progress.stage("capture", f"torch.export for {recipe.name}"):
+            program = export_buffer_decoder(BufferCacheDecoder(model, max_seq_len).eval(), max_seq_len)
+        with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"):
+            data = lower_to_pte(program, runner_metadata(config, max_seq_len, eos_ids, bos_id))
+            (staging / name).write_bytes(data)
+    else:
+        from exporter.lower_onnx import export_onnx, genai_config
+
+        wrapper = IOCacheDecoder(model, max_seq_len).eval()
+        with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
+            export_onnx(wrapper, staging / name)
+            past = wrapper.empty_past(1)
+            kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
+            genai = genai_config(config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, bos_id, eos_ids, pad_id)
+            (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+    return name
+
+
+def _runner_check(staging, reference_model, tokenizer, bos_id, eos_ids, max_seq_len) -> dict:
+    if tokenizer is None or not (staging / "tokenizer.json").is_file():
+        return {"stage": "text_llm_runner", "skipped": "no tokenizer.json", "passed": True}
+    return verify.verify_text_runner(staging / "model.pte", staging / "tokenizer.json", reference_model, tokenizer,
+                                     bos_id, set(eos_ids), min(16, max_seq_len // 2))
+
+
+def _summary_rows(staging: Path, artifacts: dict, report: dict) -> list[list]:
+    rows = []
+    for target, name in artifacts.items():
+        entry = report["artifacts"][name]
+        size = sum(p.stat().st_size for p in staging.glob(name + "*"))
+        numeric = [s for s in entry["stages"] if "max_abs_diff" in s]
+        rows.append([name, target, f"{size / 2**20:.1f} MiB",
+                     f"{max(s['max_abs_diff'] for s in numeric):.2e}",
+                     f"{min(s['top1_agreement'] for s in numeric) * 100:.0f}%",
+                     "passed" if entry["passed"] else "FAILED"])
+    return rows
+
+
+def _publish(staging: Path, output: Path, passed: bool) -> None:
+    """Move the complete staging folder into place (replacing an old output only now), or to ``.failed``."""
+    target = output if passed else output.with_name(output.name + ".failed")
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.rename(target, old)
+    os.rename(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

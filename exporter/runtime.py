@@ -1,0 +1,106 @@
+"""Run exported artifacts: a step API over a fresh KV cache, and greedy generation on top of it.
+
+``open_session(path)`` gives an object with ``reset()`` and ``step(token_ids, start_pos) -> logits [S, V]`` for
+a ``.pte`` (ExecuTorch runtime) or ``.onnx`` (onnxruntime) file, so verification and ``run`` treat both alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class ExecuTorchSession:
+    """A ``.pte`` decoder method ``forward(tokens [1,S], input_pos [S]) -> logits``; the cache lives in the method."""
+
+    def __init__(self, path: Path):
+        from executorch.runtime import Runtime
+
+        self.program = Runtime.get().load_program(Path(path))
+        self.max_seq_len = int(self._constant("get_max_seq_len"))
+        self.method = None
+        self.reset()
+
+    def _constant(self, name: str):
+        return self.program.load_method(name).execute([])[0]
+
+    def reset(self) -> None:
+        """Start a new sequence: a freshly loaded method has freshly planned (zeroed) cache buffers."""
+        self.method = self.program.load_method("forward")
+
+    def step(self, token_ids: list[int], start_pos: int) -> np.ndarray:
+        tokens = torch.tensor([token_ids], dtype=torch.long)
+        input_pos = torch.arange(start_pos, start_pos + len(token_ids), dtype=torch.long)
+        logits = self.method.execute([tokens, input_pos])[0]
+        return logits.reshape(-1, logits.shape[-1])[-len(token_ids):].float().numpy()
+
+
+class OnnxSession:
+    """An ``.onnx`` decoder with the static shared-buffer cache passed in and out (see ``lower_onnx``)."""
+
+    def __init__(self, path: Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.max_seq_len = int(self.past_inputs[0].shape[2])
+        self.reset()
+
+    def reset(self) -> None:
+        self.past = {}
+        for spec in self.past_inputs:
+            shape = [1 if isinstance(d, str) else d for d in spec.shape]
+            self.past[spec.name] = np.zeros(shape, dtype=np.float16 if "16" in spec.type else np.float32)
+
+    def step(self, token_ids: list[int], start_pos: int) -> np.ndarray:
+        seq_len = len(token_ids)
+        total = start_pos + seq_len
+        feeds = {
+            "input_ids": np.array([token_ids], dtype=np.int64),
+            "attention_mask": np.ones((1, total), dtype=np.int64),
+            "position_ids": np.arange(start_pos, total, dtype=np.int64)[None],
+            **self.past,
+        }
+        outputs = self.session.run(None, feeds)
+        for name, value in zip(self.output_names[1:], outputs[1:]):
+            self.past[name.replace("present.", "past_key_values.")] = value
+        return outputs[0][0].astype(np.float32)
+
+
+def open_session(path: Path):
+    """Session for ``path`` by suffix (``.pte`` or ``.onnx``)."""
+    path = Path(path)
+    if path.suffix == ".pte":
+        return ExecuTorchSession(path)
+    if path.suffix == ".onnx":
+        return OnnxSession(path)
+    raise ValueError(f"no runtime for {path.name}")
+
+
+def greedy_generate(session, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict:
+    """Greedy decoding on ``session``; returns tokens and prefill / decode timings (tokens per second)."""
+    session.reset()
+    budget = min(max_new_tokens, session.max_seq_len - len(prompt_ids))
+    start = time.perf_counter()
+    logits = session.step(prompt_ids, 0)
+    prefill_s = time.perf_counter() - start
+    generated = [int(np.argmax(logits[-1]))]
+    decode_start = time.perf_counter()
+    while len(generated) < budget and generated[-1] not in eos_ids:
+        logits = session.step([generated[-1]], len(prompt_ids) + len(generated) - 1)
+        generated.append(int(np.argmax(logits[-1])))
+    decode_s = time.perf_counter() - decode_start
+    decode_steps = len(generated) - 1
+    return {
+        "tokens": generated,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": len(prompt_ids) / prefill_s if prefill_s > 0 else None,
+        "decode_tokens_per_s": decode_steps / decode_s if decode_steps and decode_s > 0 else None,
+    }

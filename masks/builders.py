@@ -1,0 +1,72 @@
+"""Broadcast mask builders: evaluate a mask predicate on index grids, never with vmap, never skipping.
+
+The builders accept every argument transformers' mask creators pass to an ``AttentionMaskInterface`` function
+(``q_offset``/``kv_offset`` as ints or tensors, ``local_size``, ``allow_is_causal_skip``, ``use_vmap``, ...), and
+always return a full 4D mask: no ``None`` for "plain causal", no ``.item()``/``.all()`` on data.
+
+``kv_offset`` may also be a 1D tensor ``[KV]``: key slot ``i`` then holds position ``i + kv_offset[i]``. Ring-buffer
+caches use this to describe which absolute position each slot holds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from masks.predicates import MaskPredicate, and_masks, causal, padding
+
+
+def index_grids(batch_size: int, q_length, kv_length, q_offset=0, kv_offset=0, device="cpu"):
+    """Broadcastable index tensors ``b [B,1,1,1]``, ``h [1,1,1,1]``, ``q [1,1,Q,1]``, ``kv [1,1,1,KV]`` (absolute positions)."""
+    batch = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
+    head = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q_pos = (torch.arange(q_length, device=device) + q_offset).view(1, 1, -1, 1)
+    kv_pos = (torch.arange(kv_length, device=device) + kv_offset).view(1, 1, 1, -1)
+    return batch, head, q_pos, kv_pos
+
+
+def bool_mask(
+    batch_size: int,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function: MaskPredicate = causal,
+    attention_mask: torch.Tensor | None = None,
+    device="cpu",
+    **_ignored,
+) -> torch.Tensor:
+    """4D boolean mask ``[B, 1, Q, KV]``, True where the query may attend (SDPA convention).
+
+    ``attention_mask`` is the optional 2D padding mask ``[B, L]`` over absolute positions (1 = real token).
+    Extra keyword arguments from transformers (``allow_is_causal_skip``, ``use_vmap``, ``local_size``, ``dtype``,
+    ``config``...) are accepted and ignored: the mask is always materialised by broadcasting.
+    """
+    predicate = mask_function
+    if attention_mask is not None:
+        predicate = and_masks(mask_function, padding(attention_mask.to(torch.bool)))
+    grids = index_grids(batch_size, q_length, kv_length, q_offset, kv_offset, device)
+    mask = predicate(*grids).to(torch.bool)
+    return mask.expand(batch_size, 1, q_length, kv_length)
+
+
+def additive_mask(
+    batch_size: int,
+    q_length,
+    kv_length,
+    q_offset=0,
+    kv_offset=0,
+    mask_function: MaskPredicate = causal,
+    attention_mask: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    device="cpu",
+    **_ignored,
+) -> torch.Tensor:
+    """4D float mask ``[B, 1, Q, KV]``: 0 where attending, ``finfo(dtype).min`` elsewhere (eager convention)."""
+    mask = bool_mask(batch_size, q_length, kv_length, q_offset, kv_offset, mask_function, attention_mask, device)
+    return to_additive(mask, dtype)
+
+
+def to_additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean mask -> additive float mask with ``finfo(dtype).min`` at masked positions (never -inf, so fully
+    masked rows stay finite)."""
+    return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device), torch.finfo(dtype).min)

@@ -1,0 +1,1 @@
+"""Export recipes are data: one TOML file per recipe in this folder (read by ``exporter.recipes``)."""
