@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
+import importlib
 import sys
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = ("export",)
+# Subcommand -> "module:function(argv) -> exit code"; `export-model --model ...` means `export-model export ...`.
+SUBCOMMANDS = {
+    "export": "exporter.cli:cmd_export",
+    "masks": "exporter.mask_view:cmd_masks",
+}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -92,28 +96,21 @@ def cmd_export(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``export-model`` console script."""
+    """Entry point of the ``export-model`` console script: ``export-model [export] ...`` or a subcommand."""
+    from exporter.quiet import quiet_python_libraries
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _quiet_libraries()
-    if argv and argv[0] == "export":
-        argv = argv[1:]
+    quiet_python_libraries()
+    command, rest = ("export", argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        command, rest = argv[0], argv[1:]
+    module_name, function_name = SUBCOMMANDS[command].split(":")
+    handler = getattr(importlib.import_module(module_name), function_name)
     try:
-        return cmd_export(argv)
+        return handler(rest)
     except KeyboardInterrupt:
         print("export-model: interrupted; nothing was written under the output name", file=sys.stderr)
         return 130
-
-
-def _quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    logging.getLogger("torchao").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from exporter import loading, recipes, verify
 from exporter.errors import UserError
 from exporter.manifest import write_manifest
 from exporter.progress import Progress
+from exporter.quiet import native_output_captured
 
 ATTN_IMPLEMENTATION = "export_safe"
 ARTIFACT_NAMES = {"executorch": "model.pte", "onnx": "model.onnx"}
@@ -163,15 +164,9 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
                            "decode_steps": len(reference.decode_tokens)},
                   "artifacts": {}}
         for recipe in request.recipes:
-            from exporter.runtime import open_session
-
-            session = open_session(staging / artifacts[recipe.target])
-            entry = verify.verify_session(session, reference, recipe.max_abs_diff, recipe.min_top1_agreement)
-            entry["recipe"] = recipe.name
-            if recipe.target == "executorch":
-                entry["stages"].append(_runner_check(staging, reference_model, tokenizer, bos_id, eos_ids,
-                                                     max_seq_len))
-                entry["passed"] = all(s.get("passed", True) for s in entry["stages"])
+            with native_output_captured():
+                entry = _verify_artifact(recipe, staging / artifacts[recipe.target], reference, reference_model,
+                                         tokenizer, bos_id, eos_ids, max_seq_len)
             report["artifacts"][artifacts[recipe.target]] = entry
             progress.note(f"{artifacts[recipe.target]}: {'passed' if entry['passed'] else 'FAILED'}")
         report["passed"] = all(a["passed"] for a in report["artifacts"].values())
@@ -203,11 +198,12 @@ def _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
 
         with progress.stage("capture", f"torch.export for {recipe.name}"):
             program = export_buffer_decoder(BufferCacheDecoder(model, max_seq_len).eval(), max_seq_len)
-        with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"):
+        with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"), native_output_captured():
             data = lower_to_pte(program, runner_metadata(config, max_seq_len, eos_ids, bos_id))
             (staging / name).write_bytes(data)
     else:
-        from exporter.lower_onnx import export_onnx, genai_config
+        from exporter.genai import genai_config
+        from exporter.lower_onnx import export_onnx
 
         wrapper = IOCacheDecoder(model, max_seq_len).eval()
         with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
@@ -217,6 +213,18 @@ def _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
             genai = genai_config(config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, bos_id, eos_ids, pad_id)
             (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
     return name
+
+
+def _verify_artifact(recipe, path, reference, reference_model, tokenizer, bos_id, eos_ids, max_seq_len) -> dict:
+    """Logit stages on the artifact's runtime, plus the runtime's own generation loop where there is one."""
+    from exporter.runtime import open_session
+
+    entry = verify.verify_session(open_session(path), reference, recipe.max_abs_diff, recipe.min_top1_agreement)
+    entry["recipe"] = recipe.name
+    if recipe.target == "executorch":
+        entry["stages"].append(_runner_check(path.parent, reference_model, tokenizer, bos_id, eos_ids, max_seq_len))
+    entry["passed"] = all(stage["passed"] for stage in entry["stages"])
+    return entry
 
 
 def _runner_check(staging, reference_model, tokenizer, bos_id, eos_ids, max_seq_len) -> dict:
