@@ -70,7 +70,7 @@ def select_recipes(target: str | None, names: list[str]):
 
 def cmd_export(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from exporter.errors import UserError
+    from exporter.errors import ExportFailed, UserError
     from exporter.pipeline import ExportRequest, run_export
     from exporter.progress import Progress, table
 
@@ -83,6 +83,9 @@ def cmd_export(argv: list[str]) -> int:
         result = run_export(request, progress)
     except UserError as exc:
         return _fail(str(exc))
+    except ExportFailed as exc:
+        print(f"export-model: export failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     print()
     print(table(["stage", "what", "seconds"], [[s, w, f"{t:.1f}"] for s, w, t in progress.timings]))
     print()
@@ -108,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     handler = getattr(importlib.import_module(module_name), function_name)
     try:
         return handler(rest)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error already reported on one line (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     except KeyboardInterrupt:
         print("export-model: interrupted; nothing was written under the output name", file=sys.stderr)
         return 130

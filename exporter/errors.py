@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input from the user (model, recipe, flags, files). The message is shown as is, on one line."""
+
+
+class ExportFailed(Exception):
+    """Capture or lowering failed for a supported model: reported on one line, exit code 1."""

@@ -1,11 +1,42 @@
-"""ONNX Runtime GenAI model folders: ``genai_config.json`` for the exported decoder."""
+"""ONNX Runtime GenAI model folders: ``genai_config.json`` for the exported decoder, generation and verification.
+
+Measured with onnxruntime-genai 0.18.0 on this project's graph (static cache: past/present ``[B, KVH, N, D]`` with
+``N`` = ``max_seq_len`` fixed in the graph, new entries written at slots ``T-S .. T-1``):
+
+- Required config: ``model.type`` (``decoder`` or ``llama``), ``model.context_length`` (GenAI refuses to start
+  without it, and refuses a search ``max_length`` above it), ``vocab_size``, ``bos/eos/pad_token_id``,
+  ``decoder.filename``, ``decoder.num_key_value_heads``, ``decoder.num_hidden_layers``; I/O names default to ours.
+- GenAI detects the fixed cache length in the graph and allocates one shared past/present buffer of that length,
+  whatever ``search.max_length`` and ``past_present_share_buffer`` say. ``context_length`` must therefore not
+  exceed the graph's cache length: with a larger one, generation past the cache fails inside the graph
+  ("ScatterND ... invalid indice found, indice = N").
+- Inputs it feeds: ``input_ids``, ``attention_mask`` ``[B, total_len]`` and ``position_ids`` ``[B, S]``, all int64
+  (the graph's dtype; int32 also accepted if mask and positions agree). ``append_tokens`` runs the whole prompt
+  in one forward; the first ``generate_next_token`` only picks from those logits; each later one runs one token.
+- Batches: ``Tokenizer.encode_batch`` right-pads with ``pad_token_id``; trailing pads get mask 0 and position 0,
+  each row's next token gets position = its real length and is written at slot ``T-1`` of the common length.
+  Leading pads passed to ``append_tokens`` are *not* detected (mask 1, positions counted through them).
+- ``og.Tokenizer.encode`` adds no BOS for the demo tokenizer unless ``update_options(add_special_tokens="true")``.
+"""
 
 from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Prompts for the GenAI generation check (the first is the ExecuTorch runner's prompt).
+GENAI_PROMPTS = ("Once upon a time", "The old clockmaker repaired every clock in the valley")
 
 
 def genai_config(config, max_seq_len: int, num_layers: int, kv_heads: int, head_dim: int,
                  bos_id: int | None, eos_ids: list[int], pad_id: int | None) -> dict:
-    """``genai_config.json`` for ONNX Runtime GenAI: shared-buffer static cache of ``max_seq_len`` slots."""
+    """``genai_config.json`` for ONNX Runtime GenAI: shared-buffer static cache of ``max_seq_len`` slots.
+
+    ``context_length`` and ``search.max_length`` equal the graph's cache length (see the module notes).
+    """
     text_config = config.get_text_config()
     eos = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
     return {
@@ -40,3 +71,257 @@ def genai_config(config, max_seq_len: int, num_layers: int, kv_heads: int, head_
             "no_repeat_ngram_size": 0, "num_return_sequences": 1, "diversity_penalty": 0.0,
         },
     }
+
+
+class GenAIModel:
+    """A GenAI model folder loaded once: greedy generation from token ids or text, with timings."""
+
+    def __init__(self, folder: Path, threads: int | None = None):
+        import onnxruntime_genai as og
+
+        self.folder = Path(folder)
+        self.config = json.loads((self.folder / "genai_config.json").read_text())
+        self.context_length = int(self.config["model"]["context_length"])
+        self.pad_id = int(self.config["model"]["pad_token_id"])
+        start = time.perf_counter()
+        og_config = og.Config(str(self.folder))
+        if threads:
+            og_config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(og_config)
+        self.load_s = time.perf_counter() - start
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """GenAI's own tokenizer (onnxruntime-extensions, reading tokenizer.json / tokenizer_config.json)."""
+        if self._tokenizer is None:
+            import onnxruntime_genai as og
+
+            self._tokenizer = og.Tokenizer(self.model)
+        return self._tokenizer
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text`` with GenAI's tokenizer; ``add_special_tokens`` as in transformers (adds BOS)."""
+        self.tokenizer.update_options(add_special_tokens="true" if add_special_tokens else "false")
+        return [int(t) for t in self.tokenizer.encode(text)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(np.asarray(ids, dtype=np.int32))
+
+    def _params(self, max_length: int, batch_size: int = 1):
+        import onnxruntime_genai as og
+
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(do_sample=False, num_beams=1, max_length=max_length, batch_size=batch_size)
+        return params
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int) -> dict:
+        """Greedy search (GenAI stops at its configured eos or ``max_new_tokens``); tokens include a final eos.
+
+        ``prefill_s``: ``append_tokens`` (the prompt forward) plus the first pick; ``decode_s``: every later token.
+        """
+        import onnxruntime_genai as og
+
+        prompt_ids = [int(t) for t in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("empty prompt")
+        budget = min(max_new_tokens, self.context_length - len(prompt_ids))
+        if budget < 1:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the context "
+                             f"({self.context_length})")
+        generator = og.Generator(self.model, self._params(len(prompt_ids) + budget))
+        start = time.perf_counter()
+        generator.append_tokens(np.asarray([prompt_ids], dtype=np.int32))
+        generator.generate_next_token()
+        tokens = [int(generator.get_next_tokens()[0])]
+        prefill_s = time.perf_counter() - start
+        decode_start = time.perf_counter()
+        while not generator.is_done():
+            generator.generate_next_token()
+            tokens.append(int(generator.get_next_tokens()[0]))
+        decode_s = time.perf_counter() - decode_start
+        decode_steps = len(tokens) - 1
+        return {
+            "prompt_tokens": len(prompt_ids),
+            "tokens": tokens,
+            "finish": "eos" if tokens[-1] in _config_eos(self.config) else "length",
+            "prefill_s": prefill_s,
+            "prefill_tokens_per_s": len(prompt_ids) / prefill_s if prefill_s > 0 else None,
+            "decode_s": decode_s,
+            "decode_tokens_per_s": decode_steps / decode_s if decode_steps and decode_s > 0 else None,
+        }
+
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy search on a right-padded batch (GenAI's own padding convention); new tokens per row, each cut
+        after its first eos. Refused when a prompt contains the pad id (GenAI would read it as padding)."""
+        import onnxruntime_genai as og
+
+        if any(self.pad_id in p for p in prompts):
+            raise ValueError(f"a prompt contains the pad id {self.pad_id}")
+        width = max(len(p) for p in prompts)
+        budget = min(max_new_tokens, self.context_length - width)
+        if budget < 1:
+            raise ValueError(f"longest prompt ({width}) leaves no room in the context ({self.context_length})")
+        batch = np.full((len(prompts), width), self.pad_id, dtype=np.int32)
+        for row, ids in enumerate(prompts):
+            batch[row, : len(ids)] = ids
+        generator = og.Generator(self.model, self._params(width + budget, len(prompts)))
+        generator.append_tokens(batch)
+        while not generator.is_done():
+            generator.generate_next_token()
+        eos = _config_eos(self.config)
+        rows = []
+        for row in range(len(prompts)):
+            new = [int(t) for t in generator.get_sequence(row)[width:]]
+            cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
+            rows.append(new[:cut])
+        return rows
+
+
+def _config_eos(config: dict) -> set[int]:
+    eos = config["model"]["eos_token_id"]
+    return set(eos) if isinstance(eos, list) else {int(eos)}
+
+
+def generate_genai(folder: Path, prompt: str | list[int], max_new_tokens: int, threads: int | None = None,
+                   add_special_tokens: bool = True) -> dict:
+    """Greedy generation from a model folder with ONNX Runtime GenAI (for ``run`` and benchmarks).
+
+    ``prompt``: token ids, or text encoded with GenAI's tokenizer (BOS added when ``add_special_tokens``).
+    Returns tokens, decoded text, and load / prefill / decode timings.
+    """
+    model = GenAIModel(folder, threads)
+    prompt_ids = model.encode(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
+    result = model.generate(prompt_ids, max_new_tokens)
+    result["prompt_ids"] = prompt_ids
+    result["load_s"] = model.load_s
+    eos = _config_eos(model.config)
+    result["text"] = model.decode([t for t in result["tokens"] if t not in eos])
+    return result
+
+
+def genai_prompts(tokenizer, vocab_size: int) -> list[list[int]]:
+    """Prompt ids for the GenAI check: ``GENAI_PROMPTS`` through the transformers tokenizer (as the reference
+    sees them), or seeded ids without a tokenizer."""
+    if tokenizer is not None:
+        return [[int(t) for t in tokenizer(text)["input_ids"]] for text in GENAI_PROMPTS]
+    from exporter.verify import prompt_token_ids
+
+    return [prompt_token_ids(None, vocab_size, n) for n in (4, 11)]
+
+
+def verify_genai(folder, reference_model, tokenizer, eos_ids, max_new_tokens: int, threads: int | None = None) -> dict:
+    """Greedy generation with ONNX Runtime GenAI vs eager greedy tokens of ``reference_model``, token for token.
+
+    Each prompt runs alone (batch 1), then all together as one right-padded batch. Both sides stop after an eos:
+    eager after any of ``eos_ids``, GenAI after its ``genai_config.json`` eos (a mismatch between the two fails).
+    The prompt ids are the transformers tokenizer's; ``genai_tokenizer`` reports (without grading) whether GenAI's
+    own tokenizer produces the same ids.
+    """
+    from exporter.verify import eager_greedy
+
+    model = GenAIModel(folder, threads)
+    vocab_size = reference_model.config.get_text_config().vocab_size
+    prompts = genai_prompts(tokenizer, vocab_size)
+    eos = set(int(t) for t in eos_ids)
+    expected, actual, timings = [], [], []
+    for ids in prompts:
+        budget = min(max_new_tokens, model.context_length - len(ids))
+        expected.append(eager_greedy(reference_model, ids, budget, eos))
+        result = model.generate(ids, budget)
+        actual.append(result["tokens"])
+        timings.append({k: result[k] for k in ("prefill_s", "prefill_tokens_per_s", "decode_s",
+                                               "decode_tokens_per_s")})
+    stage = {"stage": "genai_generate", "prompts": prompts, "expected": expected, "actual": actual,
+             "timings": timings, "load_s": model.load_s}
+    passed = actual == expected
+    if len(prompts) > 1:
+        width = max(len(p) for p in prompts)
+        budget = min(max_new_tokens, model.context_length - width)
+        try:
+            batch = model.generate_batch(prompts, budget)
+            batch_expected = [e[:budget] for e in expected]
+            stage["batch"] = {"actual": batch, "expected": batch_expected, "passed": batch == batch_expected}
+            passed = passed and stage["batch"]["passed"]
+        except ValueError as exc:
+            stage["batch"] = {"skipped": str(exc)}
+    if tokenizer is not None:
+        stage["genai_tokenizer"] = _tokenizer_report(model, tokenizer)
+    stage["passed"] = passed
+    return stage
+
+
+def _tokenizer_report(model: GenAIModel, tokenizer) -> dict:
+    """GenAI's tokenizer vs transformers' on ``GENAI_PROMPTS`` (informational: generation is fed HF ids)."""
+    try:
+        genai_ids = [model.encode(text) for text in GENAI_PROMPTS]
+    except Exception as exc:  # an unsupported tokenizer.json must not hide the generation result
+        return {"matches": False, "error": str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}
+    hf_ids = [[int(t) for t in tokenizer(text)["input_ids"]] for text in GENAI_PROMPTS]
+    return {"matches": genai_ids == hf_ids, "genai": genai_ids, "transformers": hf_ids}
+
+
+def padded_batch_check(onnx_path, reference_model, prompts: list[list[int]], pad_id: int, side: str = "left",
+                       decode_steps: int = 4, max_abs_diff: float = 1e-4) -> dict:
+    """One padded batch through plain onnxruntime on the exported graph vs eager transformers per prompt.
+
+    ``side="left"``: leading pads (mask 0, position 0), real tokens at positions 0..n-1; ``side="right"``:
+    GenAI's own layout (trailing pads). Then ``decode_steps`` single-token steps, teacher-forced on each row's
+    eager greedy tokens: the mask grows by one 1 per step and each row's position is its own token count.
+    Compares the logits of every real token (prefill) and of every decode step.
+    """
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    output_names = [o.name for o in session.get_outputs()]
+    batch, width = len(prompts), max(len(p) for p in prompts)
+    ids = np.full((batch, width), pad_id, dtype=np.int64)
+    mask = np.zeros((batch, width), dtype=np.int64)
+    positions = np.zeros((batch, width), dtype=np.int64)
+    real_slots = []
+    for row, prompt in enumerate(prompts):
+        start = width - len(prompt) if side == "left" else 0
+        ids[row, start:start + len(prompt)] = prompt
+        mask[row, start:start + len(prompt)] = 1
+        positions[row, start:start + len(prompt)] = np.arange(len(prompt))
+        real_slots.append(slice(start, start + len(prompt)))
+    feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions}
+    for spec in session.get_inputs():
+        if spec.name.startswith("past_key_values."):
+            feeds[spec.name] = np.zeros([batch, *spec.shape[1:]], dtype=np.float32)
+
+    def eager_logits(tokens):
+        with torch.no_grad():
+            return reference_model(input_ids=torch.tensor([tokens]), use_cache=False).logits[0].float().numpy()
+
+    outputs = session.run(None, feeds)
+    prefill_diff, decode_diff, top1 = 0.0, 0.0, True
+    sequences = [list(p) for p in prompts]
+    next_tokens = []
+    for row, prompt in enumerate(prompts):
+        expected = eager_logits(prompt)
+        got = outputs[0][row, real_slots[row]]
+        prefill_diff = max(prefill_diff, float(np.abs(got - expected).max()))
+        top1 &= bool((got.argmax(-1) == expected.argmax(-1)).all())
+        next_tokens.append(int(expected[-1].argmax()))
+    for _ in range(decode_steps):
+        for name, value in zip(output_names[1:], outputs[1:]):
+            feeds[name.replace("present.", "past_key_values.")] = value
+        for row in range(batch):
+            sequences[row].append(next_tokens[row])
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        feeds["input_ids"] = np.array([[t] for t in next_tokens], dtype=np.int64)
+        feeds["attention_mask"] = mask
+        feeds["position_ids"] = np.array([[len(s) - 1] for s in sequences], dtype=np.int64)
+        outputs = session.run(None, feeds)
+        for row in range(batch):
+            expected = eager_logits(sequences[row])[-1]
+            got = outputs[0][row, 0]
+            decode_diff = max(decode_diff, float(np.abs(got - expected).max()))
+            top1 &= int(got.argmax()) == int(expected.argmax())
+            next_tokens[row] = int(expected.argmax())
+    return {"stage": f"ort_batch_{side}_padding", "batch": batch, "prompt_lengths": [len(p) for p in prompts],
+            "decode_steps": decode_steps, "prefill_max_abs_diff": prefill_diff, "decode_max_abs_diff": decode_diff,
+            "top1_agreement": top1,
+            "passed": max(prefill_diff, decode_diff) <= max_abs_diff and top1}

@@ -63,6 +63,10 @@ def read_config(model_dir: Path):
         raise UserError(
             f"{config_path}: model_type {model_type!r} is not a causal language model known to transformers"
         )
+    from exporter.support import is_supported, supported_list
+
+    if not is_supported(model_type):
+        raise UserError(f"{config_path}: model_type {model_type!r} is not supported yet; supported: {supported_list()}")
     try:
         return AutoConfig.from_pretrained(model_dir)
     except Exception as exc:

@@ -21,7 +21,7 @@ import torch
 import attention
 import masks
 from exporter import loading, recipes, verify
-from exporter.errors import UserError
+from exporter.errors import ExportFailed, UserError
 from exporter.manifest import write_manifest
 from exporter.progress import Progress
 from exporter.quiet import native_output_captured
@@ -147,8 +147,15 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
 
     artifacts = {}
     for recipe in request.recipes:
-        artifacts[recipe.target] = _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
-                                                   staging, progress)
+        try:
+            artifacts[recipe.target] = _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
+                                                       staging, progress)
+        except Exception as exc:
+            if os.environ.get("EXPORT_MODEL_DEBUG"):
+                raise
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise ExportFailed(f"{recipe.name}: {type(exc).__name__}: {first} "
+                               "(set EXPORT_MODEL_DEBUG=1 for the traceback)") from None
     for path in loading.tokenizer_files(model_dir):
         shutil.copy2(path, staging / path.name)
     shutil.copy2(model_dir / "config.json", staging / "config.json")
@@ -223,6 +230,11 @@ def _verify_artifact(recipe, path, reference, reference_model, tokenizer, bos_id
     entry["recipe"] = recipe.name
     if recipe.target == "executorch":
         entry["stages"].append(_runner_check(path.parent, reference_model, tokenizer, bos_id, eos_ids, max_seq_len))
+    else:
+        from exporter.genai import verify_genai
+
+        entry["stages"].append(verify_genai(path.parent, reference_model, tokenizer, set(eos_ids),
+                                            min(16, max_seq_len // 2)))
     entry["passed"] = all(stage["passed"] for stage in entry["stages"])
     return entry
 

@@ -133,20 +133,20 @@ def eager_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set
 
 
 def verify_text_runner(pte_path, tokenizer_path, model, tokenizer, bos_id, eos_ids, max_new_tokens: int) -> dict:
-    """Generate with ExecuTorch's ``TextLLMRunner`` (temperature 0) and require eager greedy text, token for token."""
+    """Generate with ExecuTorch's ``TextLLMRunner`` (temperature 0); its decoded pieces must be eager's greedy
+    tokens decoded one by one (the runner's Python API returns text pieces, not ids)."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
     prompt_ids = tokenizer(RUNNER_PROMPT)["input_ids"]
     num_bos = 1 if bos_id is not None and prompt_ids and prompt_ids[0] == bos_id else 0
     expected_ids = eager_greedy(model, prompt_ids, max_new_tokens, eos_ids)
-    expected_text = tokenizer.decode([t for t in expected_ids if t not in eos_ids], skip_special_tokens=False)
+    expected_pieces = [tokenizer.decode([t]) for t in expected_ids]  # the runner emits the eos piece too
     pieces, stats = [], []
     runner = TextLLMRunner(str(pte_path), str(tokenizer_path))
     config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens, echo=False, num_bos=num_bos)
     runner.generate(RUNNER_PROMPT, config, token_callback=pieces.append, stats_callback=stats.append)
-    actual_text = "".join(pieces)
     prompt_tokens = stats[-1].num_prompt_tokens if stats else None
-    passed = actual_text == expected_text and prompt_tokens == len(prompt_ids)
+    passed = pieces == expected_pieces and prompt_tokens == len(prompt_ids)
     return {"stage": "text_llm_runner", "prompt": RUNNER_PROMPT, "prompt_tokens": prompt_tokens,
-            "expected_prompt_tokens": len(prompt_ids), "expected_text": expected_text, "actual_text": actual_text,
+            "expected_prompt_tokens": len(prompt_ids), "expected_pieces": expected_pieces, "actual_pieces": pieces,
             "generated_tokens": stats[-1].num_generated_tokens if stats else None, "passed": passed}

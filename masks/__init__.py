@@ -8,6 +8,7 @@ from masks.predicates import (
     causal,
     chunked_causal,
     chunked_overlay,
+    count_left_padding,
     or_masks,
     padding,
     sliding_window_causal,
@@ -17,8 +18,8 @@ from masks.predicates import (
 
 __all__ = [
     "additive_mask", "and_masks", "bidirectional", "bidirectional_sliding_window", "bool_mask", "causal",
-    "chunked_causal", "chunked_overlay", "index_grids", "or_masks", "padding", "sliding_window_causal",
-    "sliding_window_overlay", "to_additive", "token_blocks", "register",
+    "chunked_causal", "chunked_overlay", "count_left_padding", "index_grids", "or_masks", "padding",
+    "sliding_window_causal", "sliding_window_overlay", "to_additive", "token_blocks", "register",
 ]
 
 

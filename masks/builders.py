@@ -45,8 +45,10 @@ def bool_mask(
     if attention_mask is not None:
         predicate = and_masks(mask_function, padding(attention_mask.to(torch.bool)))
     grids = index_grids(batch_size, q_length, kv_length, q_offset, kv_offset, device)
-    mask = predicate(*grids).to(torch.bool)
-    return mask.expand(batch_size, 1, q_length, kv_length)
+    mask = predicate(*grids)
+    if not isinstance(mask, torch.Tensor):  # a constant predicate (e.g. ``lambda *args: True``); a type check only
+        mask = torch.tensor(bool(mask), device=device)
+    return mask.to(torch.bool).expand(batch_size, 1, q_length, kv_length)
 
 
 def additive_mask(

@@ -76,7 +76,7 @@ def chunked_overlay(chunk_size: int, left_padding: torch.Tensor) -> MaskPredicat
     """Query and key in the same chunk, chunks counted from each row's first real token (``left_padding[b]``)."""
 
     def same_chunk(b, h, q, kv):
-        offset = left_padding[b]
+        offset = 0 * left_padding[b]
         return torch.div(kv - offset, chunk_size, rounding_mode="floor") == torch.div(
             q - offset, chunk_size, rounding_mode="floor"
         )
@@ -105,10 +105,27 @@ def padding(padding_mask: torch.Tensor) -> MaskPredicate:
 
 
 def token_blocks(block_ids: torch.Tensor) -> MaskPredicate:
-    """Tokens sharing a block id >= 0 (e.g. one image) see each other both ways. ``block_ids [B, positions]``."""
+    """Tokens sharing a block id >= 0 (e.g. one image) see each other both ways. ``block_ids [B, L]``.
+
+    Positions outside ``[0, L)`` belong to no block (as transformers' ``-1`` right padding of the ids), so ``L``
+    may be shorter than the cache and symbolic.
+    """
+    length = block_ids.shape[-1]
+
+    def block_of(b, pos):
+        inside = (pos >= 0) & (pos < length)
+        return torch.where(inside, block_ids[b, pos.clamp(0, length - 1)], -1)
 
     def same_block(b, h, q, kv):
-        q_block = block_ids[b, q]
-        return (q_block == block_ids[b, kv]) & (q_block >= 0)
+        q_block = block_of(b, q)
+        return (q_block == block_of(b, kv)) & (q_block >= 0)
 
     return same_block
+
+
+def count_left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per row of a 2D padding mask ``[B, L]``, the number of padding tokens before the first real one ``[B]``.
+
+    Same count as transformers' ``create_chunked_causal_mask`` uses to start chunks at each row's first real token.
+    """
+    return (attention_mask.to(torch.long).cumsum(dim=-1) == 0).sum(dim=-1)
