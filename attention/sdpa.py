@@ -14,11 +14,15 @@ from masks.builders import to_additive
 
 
 def repeat_kv(states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """``[B, KVH, KV, D] -> [B, KVH * n_rep, KV, D]``, each KV head repeated for its query group (GQA/MQA)."""
+    """``[B, KVH, KV, D] -> [B, KVH * n_rep, KV, D]``, each KV head repeated for its query group (GQA/MQA).
+
+    A gather on the head axis rather than expand + reshape: the reshape of a symbolic-length expand makes
+    torch.export emit a stride guard it cannot prove (``Min(...)``) for ring-buffer caches.
+    """
     if n_rep == 1:
         return states
-    batch, kv_heads, length, dim = states.shape
-    return states[:, :, None].expand(batch, kv_heads, n_rep, length, dim).reshape(batch, kv_heads * n_rep, length, dim)
+    heads = torch.arange(states.shape[1] * n_rep, device=states.device) // n_rep
+    return states.index_select(1, heads)
 
 
 def additive_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

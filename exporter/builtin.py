@@ -34,15 +34,50 @@ def _common(**overrides) -> dict:
     return base
 
 
-def _llama():
-    from transformers import LlamaConfig
+def _config(model_type: str, **overrides):
+    from transformers import AutoConfig
 
-    return LlamaConfig(**_common())
+    return AutoConfig.for_model(model_type, **_common(**overrides))
 
 
-BUILTINS: dict[str, Callable] = {
-    "tiny-llama": _llama,
+WINDOW = 8  # sliding window / attention chunk of the built-ins that have one: small, so tests decode past it
+
+# name -> (model_type, config overrides). Shapes are tiny but keep each family's structure: GQA, biases, norms,
+# sliding / chunked layer patterns, softcapping, no-rope layers, learned positions, MoE, sinks.
+BUILTIN_CONFIGS: dict[str, tuple[str, dict]] = {
+    "tiny-llama": ("llama", {}),
+    "tiny-qwen2": ("qwen2", dict(attention_bias=True)),
+    "tiny-qwen3": ("qwen3", {}),
+    "tiny-mistral": ("mistral", dict(sliding_window=WINDOW)),
+    "tiny-gemma": ("gemma", dict(hidden_act="gelu_pytorch_tanh")),
+    "tiny-gemma2": ("gemma2", dict(num_hidden_layers=4, sliding_window=WINDOW, attn_logit_softcapping=50.0,
+                                   final_logit_softcapping=30.0, query_pre_attn_scalar=16)),
+    "tiny-gemma3": ("gemma3_text", dict(num_hidden_layers=6, sliding_window=WINDOW, query_pre_attn_scalar=16,
+                                        layer_types=["sliding_attention"] * 5 + ["full_attention"])),
+    "tiny-cohere2": ("cohere2", dict(num_hidden_layers=4, sliding_window=WINDOW,
+                                     layer_types=["sliding_attention"] * 3 + ["full_attention"])),
+    "tiny-llama4": ("llama4_text", dict(num_hidden_layers=4, attention_chunk_size=WINDOW, num_local_experts=2,
+                                        num_experts_per_tok=1, interleave_moe_layer_step=2,
+                                        intermediate_size_mlp=128, no_rope_layers=[1, 1, 1, 0])),
+    "tiny-smollm3": ("smollm3", dict(num_hidden_layers=4, no_rope_layers=[1, 1, 1, 0])),
+    "tiny-phi3": ("phi3", {}),
+    "tiny-gpt2": ("gpt2", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "tiny-olmo2": ("olmo2", {}),
+    "tiny-granite": ("granite", dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
+                                     attention_multiplier=0.25)),
+    "tiny-starcoder2": ("starcoder2", dict(hidden_act="gelu_pytorch_tanh", sliding_window=None)),
+    "tiny-qwen3-moe": ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         decoder_sparse_step=1)),
+    "tiny-gpt-oss": ("gpt_oss", dict(num_hidden_layers=4, sliding_window=WINDOW, num_local_experts=4,
+                                     num_experts_per_tok=2, layer_types=["sliding_attention", "full_attention"] * 2)),
 }
+
+
+def _builder(model_type: str, overrides: dict) -> Callable:
+    return lambda: _config(model_type, **overrides)
+
+
+BUILTINS: dict[str, Callable] = {name: _builder(*spec) for name, spec in BUILTIN_CONFIGS.items()}
 
 
 def names() -> list[str]:

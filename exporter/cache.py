@@ -1,43 +1,71 @@
 """Static KV caches written at explicit positions, for exported programs.
 
-gpt-fast style: each layer's cache is a ``[B, KVH, max_len, D]`` tensor; a forward writes its new keys/values at
-the positions it is given (``index_copy``), and the mask decides which slots are visible. The write positions come
-from the program's inputs, never from Python-side counters, so one exported graph serves prefill and decode.
+gpt-fast style: a layer's cache is a fixed tensor; a forward writes its new keys/values at the positions it is
+given and the mask decides which slots are visible. Positions come from the program's inputs, never from
+Python-side counters, so one exported graph serves prefill and decode.
 
-Two write modes:
-- in place (``index_copy_`` on registered buffers): the ExecuTorch program owns the cache as mutable buffers;
-- functional (``index_copy``): the ONNX graph takes the cache as inputs and returns the updated one as outputs.
+Layer kinds:
+- full attention: ``[B, KVH, max_len, D]``, slot ``i`` holds position ``i``;
+- sliding window / chunked attention with window ``W < max_len``: a ring ``[B, KVH, W + 1, D]``. Position ``p``
+  lives in slot ``p % W``; slot ``W`` is a trash slot for chunk tokens that are overwritten within the same
+  forward (so no two writes of one forward target the same live slot). Attention sees the ring as it was before
+  this forward, followed by this forward's keys; every key carries its absolute position for the mask, computed
+  arithmetically from the first position (memory stays bounded, generation continues past the window).
+
+Write modes: in place (``index_copy_`` on registered buffers, ExecuTorch) or functional (``index_copy``, ONNX,
+where the cache is a graph input/output).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+
+from masks import ring_slot_positions
+
+INVALID_POSITION = -(1 << 30)  # position given to never-written ring slots: fails every causal/window predicate
+WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """How one decoder layer's cache is laid out."""
+
+    key_shape: tuple[int, int, int, int]  # [B, KVH, length, D]
+    value_shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    window: int | None  # ring size W, or None for a full-length cache
+    sliding: bool  # the model builds this layer's mask with a sliding/chunked mask creator
 
 
 class PositionedKVLayer(CacheLayerMixin):
-    """One attention layer's static cache; ``update`` writes at the cache's current ``positions [S]``."""
+    """A full-length static cache; ``update`` writes at the owner's current ``positions [S]``."""
 
     is_compileable = True
-    is_sliding = False
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, owner: "PositionedCache"):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, owner: "PositionedCache", sliding: bool = False):
         super().__init__()
         self.keys, self.values, self.owner = keys, values, owner
+        self.is_sliding = sliding
         self.is_initialized = True
 
     def lazy_initialization(self, key_states, value_states) -> None:  # tensors are given up front
         return None
 
-    def update(self, key_states, value_states, *args, **kwargs):
-        """Write ``key_states/value_states [B, KVH, S, D]`` at ``owner.positions`` and return the whole cache."""
-        positions = self.owner.positions
+    def _write(self, slots: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        key_states, value_states = key_states.to(self.keys.dtype), value_states.to(self.values.dtype)
         if self.owner.functional:
-            self.keys = self.keys.index_copy(2, positions, key_states.to(self.keys.dtype))
-            self.values = self.values.index_copy(2, positions, value_states.to(self.values.dtype))
+            self.keys = self.keys.index_copy(2, slots, key_states)
+            self.values = self.values.index_copy(2, slots, value_states)
         else:
-            self.keys.index_copy_(2, positions, key_states.to(self.keys.dtype))
-            self.values.index_copy_(2, positions, value_states.to(self.values.dtype))
+            self.keys.index_copy_(2, slots, key_states)
+            self.values.index_copy_(2, slots, value_states)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Write ``[B, KVH, S, D]`` states at the current positions; return the whole cache."""
+        self._write(self.owner.positions, key_states, value_states)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -52,16 +80,58 @@ class PositionedKVLayer(CacheLayerMixin):
         return self.keys.shape[2]
 
 
-class PositionedCache(Cache):
-    """A transformers ``Cache`` of ``PositionedKVLayer``s; call ``set_positions`` before each forward."""
+class RingKVLayer(PositionedKVLayer):
+    """A window-sized ring (``W`` live slots + 1 trash slot) for sliding-window and chunked layers."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], functional: bool):
+    def __init__(self, keys, values, owner, window: int):
+        super().__init__(keys, values, owner, sliding=True)
+        self.window = window
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Return ``[ring before this forward (W), new states (S)]`` and write the last ``min(S, W)`` new states."""
+        window = self.window
+        all_keys = torch.cat([self.keys[:, :, :window], key_states.to(self.keys.dtype)], dim=2)
+        all_values = torch.cat([self.values[:, :, :window], value_states.to(self.values.dtype)], dim=2)
+        positions = self.owner.positions
+        seq_len = positions.shape[0]
+        # Token j survives this forward iff no later token of the chunk maps to its slot, i.e. j >= S - W.
+        survives = torch.arange(seq_len, device=positions.device) >= seq_len - window
+        slots = torch.where(survives, torch.remainder(positions, window), window)
+        self._write(slots, key_states, value_states)
+        return all_keys, all_values
+
+    def key_positions(self) -> torch.Tensor:
+        """``[W + S]`` absolute positions of the keys ``update`` returns (never-written slots: INVALID_POSITION)."""
+        positions = self.owner.positions  # the ring holds the W positions before this forward
+        return torch.cat([ring_slot_positions(positions[0], self.window, INVALID_POSITION), positions])
+
+    def get_mask_sizes(self, query_length: int):
+        """``(W + S, per-key offsets)``: the builder computes key positions as ``arange(W + S) + offset``."""
+        length = self.window + query_length
+        offsets = self.key_positions() - torch.arange(length, device=self.owner.positions.device)
+        return length, offsets
+
+    def get_max_length(self) -> int:
+        return self.window
+
+
+class PositionedCache(Cache):
+    """A transformers ``Cache`` over given tensors, laid out by ``plan``; call ``set_positions`` before a forward."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], plan: list[LayerPlan],
+                 functional: bool):
         self.functional = functional
         self.positions: torch.Tensor | None = None
-        super().__init__(layers=[PositionedKVLayer(k, v, self) for k, v in zip(keys, values)])
+        layers = []
+        for k, v, layer in zip(keys, values, plan):
+            if layer.window is None:
+                layers.append(PositionedKVLayer(k, v, self, sliding=layer.sliding))
+            else:
+                layers.append(RingKVLayer(k, v, self, layer.window))
+        super().__init__(layers=layers)
 
     def set_positions(self, positions: torch.Tensor) -> None:
-        """``positions [S]`` int64: the absolute positions (= cache slots) of this forward's tokens."""
+        """``positions [S]`` int64: the absolute positions of this forward's tokens (contiguous, increasing)."""
         self.positions = positions
 
     def key_value_tensors(self) -> list[torch.Tensor]:
@@ -69,26 +139,35 @@ class PositionedCache(Cache):
         return [t for layer in self.layers for t in (layer.keys, layer.values)]
 
 
-def probe_kv_shapes(model) -> list[tuple[tuple[int, ...], tuple[int, ...], torch.dtype]]:
-    """Per decoder layer: (key shape, value shape, dtype) of one token's cache entry, found by one eager step.
+def cache_plan(model, batch_size: int, max_len: int) -> list[LayerPlan]:
+    """Per decoder layer: cache shapes and kind. Windowed layers get a ring when their window is < ``max_len``.
 
-    Works for any family without reading its config conventions (head_dim, per-layer KV heads, MLA dims).
+    Shapes come from one eager step with a DynamicCache, so per-layer head counts / head dims need no
+    family-specific config reading.
     """
+    text_config = model.config.get_text_config()
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache, use_cache=True)
-    shapes = []
-    for layer in cache.layers:
-        if not isinstance(layer, CacheLayerMixin) or layer.keys is None:
-            raise NotImplementedError(f"cache layer {type(layer).__name__} is not an attention KV cache")
-        shapes.append((tuple(layer.keys.shape), tuple(layer.values.shape), layer.keys.dtype))
-    return shapes
+    if len(cache.layers) != len(layer_types):
+        raise NotImplementedError(f"cache has {len(cache.layers)} layers for {len(layer_types)} layer types")
+    plan = []
+    for layer, layer_type, kwargs in zip(cache.layers, layer_types, layer_kwargs):
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer_type == "dummy":
+            raise NotImplementedError(f"layer type {layer_type!r} ({type(layer).__name__}) has no KV cache to export")
+        sliding = layer_type in WINDOWED_LAYER_TYPES
+        window = kwargs.get("sliding_window") if sliding else None
+        ring = window if window is not None and window < max_len else None
+        length = max_len if ring is None else ring + 1
+        k, v = layer.keys.shape, layer.values.shape
+        plan.append(LayerPlan((batch_size, k[1], length, k[3]), (batch_size, v[1], length, v[3]),
+                              layer.keys.dtype, ring, sliding))
+    return plan
 
 
-def empty_cache_tensors(model, batch_size: int, max_len: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zero-filled ``[B, KVH, max_len, D]`` key and value tensors, one pair per decoder layer."""
-    keys, values = [], []
-    for k_shape, v_shape, dtype in probe_kv_shapes(model):
-        keys.append(torch.zeros(batch_size, k_shape[1], max_len, k_shape[3], dtype=dtype))
-        values.append(torch.zeros(batch_size, v_shape[1], max_len, v_shape[3], dtype=dtype))
+def empty_cache_tensors(plan: list[LayerPlan]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Zero-filled key and value tensors for ``plan``."""
+    keys = [torch.zeros(layer.key_shape, dtype=layer.dtype) for layer in plan]
+    values = [torch.zeros(layer.value_shape, dtype=layer.dtype) for layer in plan]
     return keys, values

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from pathlib import Path
 
@@ -12,6 +13,9 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 SUBCOMMANDS = {
     "export": "exporter.cli:cmd_export",
     "masks": "exporter.mask_view:cmd_masks",
+    "verify": "exporter.recheck:cmd_verify",
+    "run": "exporter.run:cmd_run",
+    "batch": "exporter.batch:cmd_batch",
 }
 
 
@@ -19,10 +23,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports usage errors as one line (exit 2), without the usage dump."""
 
     def error(self, message: str):
-        raise SystemExit(_fail(f"{message} (see {self.prog} --help)"))
+        raise SystemExit(fail(f"{message} (see {self.prog} --help)"))
 
 
-def _fail(message: str) -> int:
+def fail(message: str) -> int:
+    """Report a usage/input error on one line; returns exit code 2."""
     print(f"export-model: error: {message}", file=sys.stderr)
     return EXIT_USAGE
 
@@ -82,7 +87,7 @@ def cmd_export(argv: list[str]) -> int:
         progress = Progress(quiet=args.quiet)
         result = run_export(request, progress)
     except UserError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     except ExportFailed as exc:
         print(f"export-model: export failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -104,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     quiet_python_libraries()
+    signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM unwinds like Ctrl-C: staging folders are removed
     command, rest = ("export", argv)
     if argv and argv[0] in SUBCOMMANDS:
         command, rest = argv[0], argv[1:]
@@ -116,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("export-model: interrupted; nothing was written under the output name", file=sys.stderr)
         return 130
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -97,3 +97,32 @@ def tokenizer_files(model_dir: Path) -> list[Path]:
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def special_ids(config, model_dir: Path) -> tuple[int | None, list[int], int | None]:
+    """(bos id, eos ids, pad id) from the config and generation config."""
+    text = config.get_text_config()
+    eos: list[int] = []
+    sources = [getattr(text, "eos_token_id", None), getattr(config, "eos_token_id", None)]
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
+        except (json.JSONDecodeError, AttributeError):
+            pass
+    for value in sources:
+        for token in value if isinstance(value, list) else [value]:
+            if isinstance(token, int) and token not in eos:
+                eos.append(token)
+    bos = getattr(text, "bos_token_id", None) or getattr(config, "bos_token_id", None)
+    pad = getattr(text, "pad_token_id", None)
+    return bos, eos, pad
+
+
+def smallest_window(config) -> int | None:
+    """The smallest sliding window / attention chunk of the model's layers, or None if every layer is global."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    _, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config())
+    windows = [kwargs["sliding_window"] for kwargs in layer_kwargs if kwargs.get("sliding_window")]
+    return min(windows) if windows else None

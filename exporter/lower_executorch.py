@@ -25,9 +25,27 @@ def runner_metadata(config, max_seq_len: int, eos_ids: list[int], bos_id: int | 
     return metadata
 
 
+def xnnpack_partitioner():
+    """XNNPACK partitioner that leaves tanh-approximate GELU to the portable kernel.
+
+    XNNPACK's GELU node is the exact (erf) form and the 1.5.1 delegate ignores ``approximate``, so a delegated
+    ``gelu(approximate="tanh")`` (``gelu_pytorch_tanh``: Gemma, StarCoder2) is off by up to 4.7e-4 (fixed upstream
+    by pytorch/executorch#22851, not in 1.5.1). Exact GELU stays delegated.
+    """
+    from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
+    from executorch.backends.xnnpack.partition.config.generic_node_configs import GeluConfig
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    class ExactGeluConfig(GeluConfig):
+        def check_constraints(self, node, ep) -> bool:
+            approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            return approximate == "none" and super().check_constraints(node, ep)
+
+    return XnnpackPartitioner(configs=[ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS])
+
+
 def lower_to_pte(program: ExportedProgram, metadata: dict) -> bytes:
     """XNNPACK-partitioned ExecuTorch program bytes; the KV cache stays as mutable buffers in the program."""
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -36,7 +54,7 @@ def lower_to_pte(program: ExportedProgram, metadata: dict) -> bytes:
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(
             program,
-            partitioner=[XnnpackPartitioner()],
+            partitioner=[xnnpack_partitioner()],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=metadata,
         )

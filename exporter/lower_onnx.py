@@ -29,7 +29,7 @@ def export_onnx(wrapper, path: Path) -> None:
     input_ids = torch.zeros(1, example_len, dtype=torch.long)
     attention_mask = torch.ones(1, example_len, dtype=torch.long)
     position_ids = torch.arange(example_len, dtype=torch.long)[None]
-    past = wrapper.empty_past(1)
+    past = wrapper.empty_past()
     batch = Dim("batch", min=1, max=64)
     seq = Dim("seq_len", min=1, max=max_len)
     total = Dim("total_len", min=1, max=max_len)
@@ -53,5 +53,6 @@ def export_onnx(wrapper, path: Path) -> None:
             optimize=True,
             verbose=False,
         )
+        program.model.metadata_props["max_seq_len"] = str(max_len)
         program.save(str(path), external_data=True)
 

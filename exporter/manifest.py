@@ -51,3 +51,30 @@ def write_manifest(folder: Path, body: dict) -> dict:
                 "packages": package_versions(), "files": file_entries(folder)}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return manifest
+
+
+def check_integrity(folder: Path) -> dict:
+    """Read ``folder/manifest.json`` and check every listed file's size and sha256.
+
+    Returns the manifest; raises ``UserError`` naming the first missing or corrupted file (a flipped byte is
+    reported as corruption, never as a runtime crash), or a missing/unreadable manifest.
+    """
+    from exporter.errors import UserError
+
+    path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such artifact folder")
+    if not path.is_file():
+        raise UserError(f"{folder}: no manifest.json (not an export-model output folder)")
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: corrupted manifest ({type(exc).__name__})") from None
+    for name, entry in files.items():
+        file = folder / name
+        if not file.is_file():
+            raise UserError(f"{folder}: {name} is missing (listed in manifest.json)")
+        if file.stat().st_size != entry.get("size") or sha256_file(file) != entry.get("sha256"):
+            raise UserError(f"{folder}: {name} is corrupted (sha256 does not match manifest.json)")
+    return manifest

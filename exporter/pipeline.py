@@ -20,7 +20,7 @@ import torch
 
 import attention
 import masks
-from exporter import loading, recipes, verify
+from exporter import checks, loading, recipes
 from exporter.errors import ExportFailed, UserError
 from exporter.manifest import write_manifest
 from exporter.progress import Progress
@@ -71,39 +71,6 @@ def check_output(output: Path, force: bool) -> None:
         raise UserError(f"output folder {parent} is not writable")
 
 
-def special_ids(config, model_dir: Path) -> tuple[int | None, list[int], int | None]:
-    """(bos id, eos ids, pad id) from the config and generation config."""
-    text = config.get_text_config()
-    eos: list[int] = []
-    sources = [getattr(text, "eos_token_id", None), getattr(config, "eos_token_id", None)]
-    gen_path = model_dir / "generation_config.json"
-    if gen_path.is_file():
-        try:
-            sources.append(json.loads(gen_path.read_text()).get("eos_token_id"))
-        except (json.JSONDecodeError, AttributeError):
-            pass
-    for value in sources:
-        for token in value if isinstance(value, list) else [value]:
-            if isinstance(token, int) and token not in eos:
-                eos.append(token)
-    bos = getattr(text, "bos_token_id", None) or getattr(config, "bos_token_id", None)
-    pad = getattr(text, "pad_token_id", None)
-    return bos, eos, pad
-
-
-def load_tokenizer(model_dir: Path, progress: Progress):
-    if not (model_dir / "tokenizer.json").is_file() and not (model_dir / "tokenizer.model").is_file():
-        progress.note("no tokenizer files: verification uses seeded token ids, runner checks are skipped")
-        return None
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir)
-    except Exception as exc:  # a tokenizer that cannot load must not stop the export; it is reported
-        progress.note(f"tokenizer could not be loaded ({str(exc).splitlines()[0][:120]}); runner checks skipped")
-        return None
-
-
 def resolve_max_seq_len(request: ExportRequest, config) -> int:
     limit = getattr(config.get_text_config(), "max_position_embeddings", None)
     wanted = request.max_seq_len if request.max_seq_len is not None else max(r.max_seq_len for r in request.recipes)
@@ -140,8 +107,7 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
         config = loading.read_config(model_dir)
         max_seq_len = resolve_max_seq_len(request, config)
         model = loading.load_model(model_dir, use_export_safe_attention())
-        bos_id, eos_ids, pad_id = special_ids(config, model_dir)
-        tokenizer = load_tokenizer(model_dir, progress)
+        bos_id, eos_ids, pad_id = loading.special_ids(config, model_dir)
         progress.note(f"{config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
                       f"cache length {max_seq_len}")
 
@@ -160,23 +126,8 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
         shutil.copy2(path, staging / path.name)
     shutil.copy2(model_dir / "config.json", staging / "config.json")
 
-    with progress.stage("verify", "against eager transformers (default attention)"):
-        del model
-        reference_model = loading.load_model(model_dir)
-        plan = verify.default_plan(max_seq_len)
-        reference = verify.build_reference(reference_model, tokenizer, plan, set(eos_ids))
-        report = {"reference": "transformers eager, default attention implementation "
-                               f"({reference_model.config._attn_implementation})",
-                  "plan": {"prompt_lengths": [len(p) for p in reference.prompts],
-                           "decode_steps": len(reference.decode_tokens)},
-                  "artifacts": {}}
-        for recipe in request.recipes:
-            with native_output_captured():
-                entry = _verify_artifact(recipe, staging / artifacts[recipe.target], reference, reference_model,
-                                         tokenizer, bos_id, eos_ids, max_seq_len)
-            report["artifacts"][artifacts[recipe.target]] = entry
-            progress.note(f"{artifacts[recipe.target]}: {'passed' if entry['passed'] else 'FAILED'}")
-        report["passed"] = all(a["passed"] for a in report["artifacts"].values())
+    del model
+    report = checks.verify_folder(staging, artifacts, request.recipes, model_dir, config, max_seq_len, progress)
     (staging / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
 
     with progress.stage("write", "manifest and hashes"):
@@ -215,35 +166,11 @@ def _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
         wrapper = IOCacheDecoder(model, max_seq_len).eval()
         with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
             export_onnx(wrapper, staging / name)
-            past = wrapper.empty_past(1)
+            past = wrapper.empty_past()
             kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
             genai = genai_config(config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, bos_id, eos_ids, pad_id)
             (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
     return name
-
-
-def _verify_artifact(recipe, path, reference, reference_model, tokenizer, bos_id, eos_ids, max_seq_len) -> dict:
-    """Logit stages on the artifact's runtime, plus the runtime's own generation loop where there is one."""
-    from exporter.runtime import open_session
-
-    entry = verify.verify_session(open_session(path), reference, recipe.max_abs_diff, recipe.min_top1_agreement)
-    entry["recipe"] = recipe.name
-    if recipe.target == "executorch":
-        entry["stages"].append(_runner_check(path.parent, reference_model, tokenizer, bos_id, eos_ids, max_seq_len))
-    else:
-        from exporter.genai import verify_genai
-
-        entry["stages"].append(verify_genai(path.parent, reference_model, tokenizer, set(eos_ids),
-                                            min(16, max_seq_len // 2)))
-    entry["passed"] = all(stage["passed"] for stage in entry["stages"])
-    return entry
-
-
-def _runner_check(staging, reference_model, tokenizer, bos_id, eos_ids, max_seq_len) -> dict:
-    if tokenizer is None or not (staging / "tokenizer.json").is_file():
-        return {"stage": "text_llm_runner", "skipped": "no tokenizer.json", "passed": True}
-    return verify.verify_text_runner(staging / "model.pte", staging / "tokenizer.json", reference_model, tokenizer,
-                                     bos_id, set(eos_ids), min(16, max_seq_len // 2))
 
 
 def _summary_rows(staging: Path, artifacts: dict, report: dict) -> list[list]:

@@ -50,7 +50,7 @@ class OnnxSession:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.max_seq_len = int(self.past_inputs[0].shape[2])
+        self.max_seq_len = int(self.session.get_modelmeta().custom_metadata_map["max_seq_len"])
         self.reset()
 
     def reset(self) -> None:

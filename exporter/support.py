@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from exporter.builtin import BUILTIN_CONFIGS
+
 # model_type -> built-in tiny model that proves it in the test suite.
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
-    "llama": "tiny-llama",
+    model_type: name for name, (model_type, _) in BUILTIN_CONFIGS.items()
 }
 
 

@@ -2,7 +2,7 @@
 
 The reference is the checkpoint loaded fresh with transformers' default attention and mask code. Stages:
 - ``prefill[L]`` for each prompt (a fresh cache each): artifact logits vs eager logits at every prompt position;
-- ``decode[N]``: after the first prompt, N single-token steps teacher-forced on eager's greedy tokens.
+- ``decode[L+N]``: after a prompt of length L, N single-token steps teacher-forced on eager's greedy tokens.
 Each stage reports max abs diff, max rel diff (max abs diff / max |reference logit|) and top-1 agreement, and
 passes when max abs diff <= the recipe's ``max_abs_diff`` and top-1 agreement >= ``min_top1_agreement``.
 """
@@ -23,28 +23,41 @@ RUNNER_PROMPT = "Once upon a time"
 
 @dataclass
 class VerifyPlan:
-    """How much to check: prompt lengths (prefill stages; the first one is decoded from) and decode steps."""
+    """Prompts to check: ``(prompt length, teacher-forced decode steps after it)`` each, on a fresh cache."""
 
-    prompt_lengths: list[int]
-    decode_steps: int
+    cases: list[tuple[int, int]]
+
+
+@dataclass
+class CaseReference:
+    """Eager token ids and logits for one prompt and its decode steps."""
+
+    prompt: list[int]
+    prompt_logits: np.ndarray  # [L, V]
+    decode_tokens: list[int]  # eager greedy continuation, fed one at a time after the prompt
+    decode_logits: np.ndarray  # [N, V]
 
 
 @dataclass
 class Reference:
-    """Eager token ids and logits for every stage of a plan."""
-
-    prompts: list[list[int]]
-    prompt_logits: list[np.ndarray]  # [L, V] per prompt
-    decode_tokens: list[int]  # fed one at a time after prompts[0]
-    decode_logits: np.ndarray  # [N, V]
+    cases: list[CaseReference]
     eos_ids: set[int] = field(default_factory=set)
 
 
-def default_plan(max_seq_len: int) -> VerifyPlan:
-    """Two prompts (one of length 1) and 16 decode steps, shrunk to fit ``max_seq_len``."""
-    decode_steps = min(16, max_seq_len - 2)
-    first = max(2, min(12, max_seq_len - decode_steps))
-    return VerifyPlan(prompt_lengths=[first, 1], decode_steps=decode_steps)
+def default_plan(max_seq_len: int, window: int | None = None) -> VerifyPlan:
+    """A 12-token prompt with 16 decode steps and a 1-token prompt, shrunk to fit ``max_seq_len``.
+
+    With windowed (sliding / chunked) layers of size ``window``: a prompt longer than the window, a prompt shorter
+    than it, each decoded 32 steps (well past the window), and the 1-token prompt.
+    """
+    if window is not None:
+        long_prompt = window + 4
+        steps = min(32, max_seq_len - long_prompt)
+        if steps >= 1:
+            return VerifyPlan(cases=[(long_prompt, steps), (min(5, window), steps), (1, 0)])
+    steps = min(16, max_seq_len - 2)
+    first = max(2, min(12, max_seq_len - steps))
+    return VerifyPlan(cases=[(first, steps), (1, 0)])
 
 
 def prompt_token_ids(tokenizer, vocab_size: int, length: int) -> list[int]:
@@ -60,24 +73,19 @@ def prompt_token_ids(tokenizer, vocab_size: int, length: int) -> list[int]:
 
 @torch.no_grad()
 def build_reference(model, tokenizer, plan: VerifyPlan, eos_ids: set[int]) -> Reference:
-    """Run the eager reference ``model`` (default attention, no cache) for every stage of ``plan``."""
+    """Run the eager reference ``model`` (default attention, no cache) for every case of ``plan``."""
     vocab_size = model.config.get_text_config().vocab_size
-    prompts = [prompt_token_ids(tokenizer, vocab_size, n) for n in plan.prompt_lengths]
-    prompt_logits = [_logits(model, ids) for ids in prompts]
-    sequence = list(prompts[0])
-    next_token = int(np.argmax(prompt_logits[0][-1]))
-    for _ in range(plan.decode_steps):
-        sequence.append(next_token)
-        next_token = int(np.argmax(_logits(model, sequence)[-1]))
-    full = _logits(model, sequence)
-    first_len = len(prompts[0])
-    return Reference(
-        prompts=prompts,
-        prompt_logits=prompt_logits,
-        decode_tokens=sequence[first_len:],
-        decode_logits=full[first_len:],
-        eos_ids=eos_ids,
-    )
+    cases = []
+    for length, steps in plan.cases:
+        prompt = prompt_token_ids(tokenizer, vocab_size, length)
+        prompt_logits = _logits(model, prompt)
+        sequence, next_token = list(prompt), int(np.argmax(prompt_logits[-1]))
+        for _ in range(steps):
+            sequence.append(next_token)
+            next_token = int(np.argmax(_logits(model, sequence)[-1]))
+        full = _logits(model, sequence) if steps else prompt_logits
+        cases.append(CaseReference(prompt, prompt_logits, sequence[length:], full[length:]))
+    return Reference(cases=cases, eos_ids=eos_ids)
 
 
 def _logits(model, ids: list[int]) -> np.ndarray:
@@ -97,19 +105,19 @@ def compare(actual: np.ndarray, expected: np.ndarray) -> dict:
 
 
 def verify_session(session, reference: Reference, max_abs_diff: float, min_top1: float) -> dict:
-    """Run every stage on an artifact session (see ``runtime``) and grade it against ``reference``."""
+    """Run every case on an artifact session (see ``runtime``) and grade it against ``reference``."""
     stages = []
-    for index, (ids, expected) in enumerate(zip(reference.prompts, reference.prompt_logits)):
+    for case in reference.cases:
         session.reset()
-        stages.append({"stage": f"prefill[{len(ids)}]", **compare(session.step(ids, 0), expected)})
-        if index == 0 and reference.decode_tokens:
-            steps = []
-            position = len(ids)
-            for token in reference.decode_tokens:
+        stages.append({"stage": f"prefill[{len(case.prompt)}]", **compare(session.step(case.prompt, 0),
+                                                                          case.prompt_logits)})
+        if case.decode_tokens:
+            position, steps = len(case.prompt), []
+            for token in case.decode_tokens:
                 steps.append(session.step([token], position)[-1])
                 position += 1
-            stages.append({"stage": f"decode[{len(steps)}]",
-                           **compare(np.stack(steps), reference.decode_logits)})
+            stages.append({"stage": f"decode[{len(case.prompt)}+{len(steps)}]",
+                           **compare(np.stack(steps), case.decode_logits)})
     for stage in stages:
         stage["passed"] = stage["max_abs_diff"] <= max_abs_diff and stage["top1_agreement"] >= min_top1
     return {

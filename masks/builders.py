@@ -16,12 +16,31 @@ from masks.predicates import MaskPredicate, and_masks, causal, padding
 
 
 def index_grids(batch_size: int, q_length, kv_length, q_offset=0, kv_offset=0, device="cpu"):
-    """Broadcastable index tensors ``b [B,1,1,1]``, ``h [1,1,1,1]``, ``q [1,1,Q,1]``, ``kv [1,1,1,KV]`` (absolute positions)."""
+    """Broadcastable index tensors ``b [B,1,1,1]``, ``h [1,1,1,1]``, ``q [1,1,Q,1]``, ``kv [1,1,1,KV]``.
+
+    Positions are absolute: ``q = arange(Q) + q_offset``, ``kv = arange(KV) + kv_offset`` (``kv_offset`` an int, a
+    0-d tensor or a 1D ``[KV]`` tensor of per-slot offsets).
+    """
     batch = torch.arange(batch_size, device=device).view(-1, 1, 1, 1)
     head = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
     q_pos = (torch.arange(q_length, device=device) + q_offset).view(1, 1, -1, 1)
     kv_pos = (torch.arange(kv_length, device=device) + kv_offset).view(1, 1, 1, -1)
     return batch, head, q_pos, kv_pos
+
+
+def ring_slot_positions(next_position, window: int, invalid: int = -(1 << 30)) -> torch.Tensor:
+    """``[window]`` absolute position held by each slot of a ring buffer (position ``p`` lives in slot
+    ``p % window``) once every position before ``next_position`` (int or 0-d tensor) is written; ``invalid`` for
+    slots never written.
+
+    Uses floor division only: ExecuTorch's portable ``remainder`` kernel truncates toward zero for negative ints
+    (``-7 % 5`` gives -2 there, 3 in torch/onnxruntime), and ``next_position - 1 - slot`` is negative at prefill.
+    """
+    last = next_position - 1
+    behind = last - torch.arange(window, device=getattr(next_position, "device", None))
+    back = behind - window * torch.div(behind, window, rounding_mode="floor")  # behind mod window, always >= 0
+    held = last - back
+    return torch.where(held >= 0, held, torch.full_like(held, invalid))
 
 
 def bool_mask(

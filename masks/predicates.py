@@ -76,7 +76,7 @@ def chunked_overlay(chunk_size: int, left_padding: torch.Tensor) -> MaskPredicat
     """Query and key in the same chunk, chunks counted from each row's first real token (``left_padding[b]``)."""
 
     def same_chunk(b, h, q, kv):
-        offset = 0 * left_padding[b]
+        offset = left_padding[b]
         return torch.div(kv - offset, chunk_size, rounding_mode="floor") == torch.div(
             q - offset, chunk_size, rounding_mode="floor"
         )

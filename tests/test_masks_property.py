@@ -23,19 +23,19 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import Gemma3TextConfig, LlamaConfig, Llama4TextConfig, MistralConfig
 from transformers import masking_utils as mu
-from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache
 from transformers.models.gemma3.modeling_gemma3 import _bidirectional_window_overlay as gemma3_window_overlay
 
 import attention
 import masks
-from exporter.cache import PositionedCache
+from exporter.mask_view import SlotCache, SlotLayer
 
 EXAMPLES = int(os.environ.get("MASK_PROPERTY_EXAMPLES", "0")) or None
 SETTINGS = settings(
-    max_examples=EXAMPLES or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    max_examples=EXAMPLES or 200, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 FULL_PATH_SETTINGS = settings(
-    max_examples=EXAMPLES or 60, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
+    max_examples=EXAMPLES or 150, deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True
 )
 NAME = "export_safe"
 VMAP_REFERENCE = "test_vmap_reference"
@@ -301,14 +301,36 @@ CREATORS = {
 BIDIRECTIONAL = (mu.create_bidirectional_mask, mu.create_bidirectional_sliding_window_mask)
 
 
-def make_cache(kind, config, batch, past, max_len):
-    """A cache holding ``past`` tokens: none, transformers' dynamic or static cache, or the exporter's own."""
+INVALID_POSITION = -(1 << 30)  # a never-written ring slot
+
+
+class RingLayer(SlotLayer):
+    """A ring of ``window`` slots (the positions before this forward, slot ``p % window``) followed by this
+    forward's keys; ``get_mask_sizes`` gives per-key offsets (1D ``kv_offset``), as a ring-buffer export does."""
+
+    def __init__(self, window: int, positions: torch.Tensor):
+        super().__init__(window + len(positions), positions, sliding=True)
+        self.window = window
+
+    def key_positions(self) -> torch.Tensor:
+        ring = masks.ring_slot_positions(self.positions[0], self.window, INVALID_POSITION)
+        return torch.cat([ring, self.positions])
+
+    def get_mask_sizes(self, query_length: int):
+        length = self.window + query_length
+        return length, self.key_positions() - torch.arange(length)
+
+
+def make_cache(kind, config, batch, past, max_len, q_len, window=None):
+    """A cache holding ``past`` tokens: none, transformers' dynamic or static cache, static slots or a ring."""
     if kind == "none":
         return None
-    if kind == "positioned":  # what the exported programs use: every slot visible to the mask, tensor q_offset
-        keys = [torch.zeros(batch, 1, max_len, 1) for _ in range(config.num_hidden_layers)]
-        cache = PositionedCache(keys, keys, functional=True)
-        return cache
+    positions = torch.arange(past, past + q_len)
+    layer_types = ["sliding_attention"] * config.num_hidden_layers
+    if kind == "slots":  # what the exported programs use for full layers: every slot in the mask, tensor q_offset
+        return SlotCache(getattr(config, "layer_types", None) or layer_types, max_len, positions)
+    if kind == "ring":
+        return Cache(layers=[RingLayer(window, positions) for _ in layer_types])
     cache = DynamicCache(config=config) if kind == "dynamic" else StaticCache(config=config, max_cache_len=max_len)
     if past:
         for layer in range(config.num_hidden_layers):
@@ -327,18 +349,17 @@ def creator_cases(draw):
     config = make_config(family, window=draw(st.integers(1, 5)), chunk=draw(st.integers(1, 5)))
     creator = draw(st.sampled_from(CREATORS[family]))
     batch, q_len = draw(st.integers(1, 3)), draw(st.integers(1, 5))
-    cache_kind = draw(st.sampled_from(["none", "dynamic", "static", "positioned"]))
+    cache_kind = draw(st.sampled_from(["none", "dynamic", "static", "slots"]))
     past = 0 if cache_kind == "none" else draw(st.integers(0, 6))
     max_len = past + q_len + draw(st.integers(0, 3))
-    cache = make_cache(cache_kind, config, batch, past, max_len)
+    cache = make_cache(cache_kind, config, batch, past, max_len, q_len)
     positions = torch.arange(past, past + q_len)
-    if cache_kind == "positioned":
-        cache.set_positions(positions)
     kwargs = dict(inputs_embeds=torch.zeros(batch, q_len, 1, dtype=draw(st.sampled_from(DTYPES))), cache=cache)
     packed = cache is None and creator not in BIDIRECTIONAL and draw(st.integers(0, 3)) == 0
     if packed:  # several sequences in one row (no cache, no 2D mask): transformers remaps positions
         starts = sorted(draw(st.sets(st.integers(1, max(q_len - 1, 1)), max_size=2)))
-        pos = torch.cat([torch.arange(end - start) for start, end in zip([0, *starts], [*starts, q_len]) if end > start])
+        bounds = zip([0, *starts], [*starts, q_len])
+        pos = torch.cat([torch.arange(end - start) for start, end in bounds if end > start])
         kwargs.update(attention_mask=None, position_ids=pos[None].expand(batch, -1))
     else:
         use_mask = draw(st.booleans())
@@ -391,7 +412,7 @@ def test_transformers_creators_with_export_safe(case):
 def test_creators_under_a_static_cache_get_a_tensor_q_offset():
     """The static-cache path really hands the builder a tensor ``q_offset`` (and the builder copes)."""
     config = make_config("llama", 2, 2)
-    cache = make_cache("static", config, 1, 3, 8)
+    cache = make_cache("static", config, 1, 3, 8, 2)
     seen = {}
 
     def spy(**kwargs):
@@ -404,3 +425,44 @@ def test_creators_under_a_static_cache_get_a_tensor_q_offset():
     assert isinstance(seen["q_offset"], torch.Tensor) and int(seen["q_offset"]) == 3
     assert mask.shape == (1, 1, 2, 8)
     assert torch.equal(mask[0, 0].sum(-1), torch.tensor([4, 5]))
+
+
+@st.composite
+def ring_creator_cases(draw):
+    family = draw(st.sampled_from(["gemma3", "mistral", "llama4"]))
+    config = make_config(family, window=draw(st.integers(1, 5)), chunk=draw(st.integers(1, 5)))
+    creator = mu.create_chunked_causal_mask if family == "llama4" else mu.create_sliding_window_causal_mask
+    batch, q_len, past = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(0, 8))
+    ring = make_cache("ring", config, batch, past, None, q_len, window=draw(st.integers(1, 6)))
+    kwargs = dict(inputs_embeds=torch.zeros(batch, q_len, 1), position_ids=torch.arange(past, past + q_len)[None])
+    kwargs["attention_mask"] = draw(padding_masks(batch, past + q_len)).long() if draw(st.booleans()) else None
+    overlay = draw(st.sampled_from(["none", "or", "and"]))
+    if overlay == "or":
+        kwargs["or_mask_function"] = gemma3_window_overlay(draw(st.integers(1, 3)))
+    elif overlay == "and":
+        kwargs["and_mask_function"] = mu.sliding_window_overlay(draw(st.integers(1, 4)))
+    return config, creator, ring, past, q_len, kwargs
+
+
+@FULL_PATH_SETTINGS
+@given(case=ring_creator_cases())
+def test_transformers_creators_over_a_ring_buffer_cache(case):
+    """Sliding/chunked creators over a ring cache whose ``get_mask_sizes`` gives per-key offsets ``[W + S]``:
+    each key's column is transformers' mask at that key's absolute position; never-written slots are masked."""
+    config, creator, ring, past, q_len, kwargs = case
+    ours = call(config, NAME, creator, cache=ring, **kwargs)
+    slots = make_cache("slots", config, 0, past, past + q_len, q_len)  # slot i = position i, all positions
+    absolute = call(config, VMAP_REFERENCE, creator, cache=slots, **kwargs)
+    key_positions = ring.layers[0].key_positions()
+    expected = absolute[..., key_positions.clamp(min=0)] & (key_positions >= 0)
+    assert ours.shape == expected.shape and torch.equal(ours, expected)
+
+
+@SETTINGS
+@given(next_position=st.integers(0, 40), window=st.integers(1, 9), as_tensor=st.booleans())
+def test_ring_slot_positions(next_position, window, as_tensor):
+    """Slot s of a ring holds the last written position p with p % window == s (never written: invalid)."""
+    expected = [max((p for p in range(next_position) if p % window == slot), default=INVALID_POSITION)
+                for slot in range(window)]
+    start = torch.tensor(next_position) if as_tensor else next_position
+    assert masks.ring_slot_positions(start, window, INVALID_POSITION).tolist() == expected

@@ -1,0 +1,165 @@
+"""KV cache layers for ExecuTorch's LLM custom ops: ``[B, length, KVH, D]`` buffers (sequence on dim 1, the layout
+``llama::update_cache`` / ``llama::custom_sdpa`` require) written in place by the custom op, no functional copy.
+
+Same layer plan as ``exporter.cache`` (``cache_plan``): full-length layers and window-sized rings, only transposed.
+
+Facts (executorch 1.5.1, measured on the installed kernels):
+- ``llama::update_cache(Tensor value, Tensor(a!) cache, SymInt start_pos) -> Tensor``: ``value [B, S, KVH, D]``,
+  ``cache [B, max_len, KVH, D]``; copies ``value`` into slots ``start_pos .. start_pos+S-1`` (one memcpy per batch
+  row); returns a dummy ``[1]`` tensor. Its meta kernel adds ``start_pos >= 0``, ``start_pos < max_len`` and
+  ``start_pos + S <= max_len`` checks.
+- ``llama::update_cache_with_indices(Tensor value, Tensor(a!) cache, SymInt start_pos, Tensor indices) -> Tensor``:
+  ``indices [B, S]`` int64 slots (``start_pos`` ignored); used for the ring layers.
+- ``start_pos`` is a SymInt; in the exported program it is ``input_pos[0].item()``, read once per forward in
+  ``set_positions`` and shared by every layer's write and attention call.
+
+Contract with ``attention.executorch_sdpa``: ``update`` returns keys/values in ``[B, L, KVH, D]`` (not transformers'
+``[B, KVH, L, D]``) so the graph has no transpose (= copy) of the cache; the wrapper passes ``et_start_pos`` to the
+model and the attention refuses to run without it, so this layout never reaches another attention function.
+A forward's positions must be consecutive (``start .. start+S-1``), which is what ``TextLLMRunner`` passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from exporter.cache import INVALID_POSITION, LayerPlan, PositionedCache, PositionedKVLayer, RingKVLayer, cache_plan
+
+START_POS_KWARG = "et_start_pos"
+
+
+def load_custom_ops() -> None:
+    """Register ``torch.ops.llama.*`` (meta kernels for export + ATen CPU kernels for eager runs)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
+class ExecuTorchKVLayer(PositionedKVLayer):
+    """Full-length ``[B, max_len, KVH, D]`` layer; slot ``i`` holds position ``i``."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Write ``[B, KVH, S, D]`` states at ``start_pos`` with ``llama::update_cache``; return the buffers."""
+        start = self.owner.start_pos
+        torch.ops.llama.update_cache(key_states.transpose(1, 2).to(self.keys.dtype), self.keys, start)
+        torch.ops.llama.update_cache(value_states.transpose(1, 2).to(self.values.dtype), self.values, start)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.keys.shape[1], 0
+
+    def get_max_length(self) -> int:
+        return self.keys.shape[1]
+
+
+class ExecuTorchRingLayer(RingKVLayer):
+    """Ring ``[B, W + 1, KVH, D]`` (W live slots + trash slot); same slot arithmetic as ``RingKVLayer``."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Return ``[ring before this forward (W), new states (S)]`` along dim 1; write the surviving new states."""
+        window = self.window
+        new_keys = key_states.transpose(1, 2).to(self.keys.dtype)
+        new_values = value_states.transpose(1, 2).to(self.values.dtype)
+        all_keys = torch.cat([self.keys[:, :window], new_keys], dim=1)
+        all_values = torch.cat([self.values[:, :window], new_values], dim=1)
+        positions = self.owner.positions
+        seq_len = positions.shape[0]
+        survives = torch.arange(seq_len, device=positions.device) >= seq_len - window
+        slots = torch.where(survives, torch.remainder(positions, window), window).unsqueeze(0)
+        start = self.owner.start_pos
+        torch.ops.llama.update_cache_with_indices(new_keys, self.keys, start, slots)
+        torch.ops.llama.update_cache_with_indices(new_values, self.values, start, slots)
+        return all_keys, all_values
+
+    def key_positions(self) -> torch.Tensor:
+        """``RingKVLayer.key_positions`` with non-negative ``remainder`` operands: ExecuTorch's portable int64
+        ``remainder`` truncates (``-9 % 8 == -1``, PyTorch gives 7), which broke the ring masks at runtime."""
+        positions = self.owner.positions
+        last = positions[0] - 1
+        slot = torch.arange(self.window, device=positions.device)
+        ring = last - torch.remainder(last - slot + self.window, self.window)  # last - slot >= -window
+        ring = torch.where(ring >= 0, ring, INVALID_POSITION)
+        return torch.cat([ring, positions])
+
+
+class ExecuTorchCache(PositionedCache):
+    """``PositionedCache`` over ``[B, length, KVH, D]`` tensors; ``set_positions`` also reads ``start_pos``."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], plan: list[LayerPlan], max_len: int):
+        load_custom_ops()
+        self.functional = False
+        self.positions = None
+        self.start_pos = None
+        self.max_len = max_len  # positions never reach it (rings are shorter, full-length layers are this long)
+        layers = []
+        for k, v, layer in zip(keys, values, plan):
+            if layer.window is None:
+                layers.append(ExecuTorchKVLayer(k, v, self, sliding=layer.sliding))
+            else:
+                layers.append(ExecuTorchRingLayer(k, v, self, layer.window))
+        super(PositionedCache, self).__init__(layers=layers)
+
+    def set_positions(self, positions: torch.Tensor) -> None:
+        """``positions [S]`` int64, consecutive; ``positions[0]`` becomes the graph's one ``start_pos`` SymInt."""
+        self.positions = positions
+        start = positions[0].item()
+        torch._check(start >= 0)
+        torch._check(start + positions.shape[0] <= self.max_len)
+        self.start_pos = start
+
+
+def full_length(layer: LayerPlan, max_len: int) -> LayerPlan:
+    """``layer`` as a full-length cache (a ring's window then comes from the mask only)."""
+    if layer.window is None:
+        return layer
+    b, kvh, _, dk = layer.key_shape
+    _, vh, _, dv = layer.value_shape
+    return dataclasses.replace(layer, key_shape=(b, kvh, max_len, dk), value_shape=(b, vh, max_len, dv), window=None)
+
+
+def bshd_cache_tensors(plan: list[LayerPlan], dtype: torch.dtype | None = None):
+    """Zero ``[B, length, KVH, D]`` key and value tensors for ``plan`` (its shapes are ``[B, KVH, length, D]``)."""
+    keys, values = [], []
+    for layer in plan:
+        (b, kvh, length, dk), (_, vh, _, dv) = layer.key_shape, layer.value_shape
+        if (kvh, dk) != (vh, dv):
+            raise NotImplementedError("llama::custom_sdpa needs keys and values of one shape (no MLA)")
+        keys.append(torch.zeros(b, length, kvh, dk, dtype=dtype or layer.dtype))
+        values.append(torch.zeros(b, length, vh, dv, dtype=dtype or layer.dtype))
+    return keys, values
+
+
+class ExecuTorchCacheDecoder(nn.Module):
+    """``BufferCacheDecoder`` for the custom-op path: ``forward(tokens [1,S], input_pos [S]) -> logits [1,S,V]``,
+    the cache as mutable buffers ``k_cache_N`` / ``v_cache_N`` of shape ``[1, length, KVH, D]``.
+
+    The model must be loaded with the attention registered by ``attention.executorch_sdpa.register``.
+    """
+
+    def __init__(self, model, max_seq_len: int, cache_dtype: torch.dtype | None = None, rings: bool = True):
+        super().__init__()
+        load_custom_ops()
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.plan = cache_plan(model, 1, max_seq_len)
+        if not rings:  # windowed layers keep the full history; the mask alone applies the window
+            self.plan = [full_length(layer, max_seq_len) for layer in self.plan]
+        keys, values = bshd_cache_tensors(self.plan, cache_dtype)
+        for i, (k, v) in enumerate(zip(keys, values)):
+            self.register_buffer(f"k_cache_{i}", k, persistent=False)
+            self.register_buffer(f"v_cache_{i}", v, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        keys = [getattr(self, f"k_cache_{i}") for i in range(len(self.plan))]
+        values = [getattr(self, f"v_cache_{i}") for i in range(len(self.plan))]
+        cache = ExecuTorchCache(keys, values, self.plan, self.max_seq_len)
+        cache.set_positions(input_pos)
+        out = self.model(input_ids=tokens, position_ids=input_pos.unsqueeze(0), cache=cache, use_cache=True,
+                         **{START_POS_KWARG: cache.start_pos})
+        return out.logits
+
+    def reset_cache(self) -> None:
+        for name, buf in self.named_buffers():
+            if name.startswith(("k_cache_", "v_cache_")):
+                buf.zero_()

@@ -1,0 +1,65 @@
+"""``export-model verify DIR``: re-check an existing output folder (file hashes, then every artifact vs eager)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from exporter.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, fail
+from exporter.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="export-model verify",
+                            description="Re-verify an export-model output folder against the eager model.")
+    parser.add_argument("folder", type=Path, help="an output folder written by export-model")
+    parser.add_argument("--model", help="checkpoint to compare with (default: the source named in manifest.json)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser
+
+
+def recipes_from_manifest(manifest: dict):
+    from exporter.recipes import Recipe
+
+    try:
+        return [Recipe(**entry) for entry in manifest["recipes"]]
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"manifest.json: unreadable recipes ({exc})") from None
+
+
+def cmd_verify(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    from exporter import checks, loading
+    from exporter.manifest import check_integrity
+    from exporter.progress import Progress, table
+
+    progress = Progress(quiet=args.quiet)
+    try:
+        with progress.stage("hashes", f"files listed in {args.folder}/manifest.json"):
+            manifest = check_integrity(args.folder)
+        recipes = recipes_from_manifest(manifest)
+        source = args.model or manifest.get("model", {}).get("source")
+        if not source:
+            raise UserError("manifest.json names no model source; pass --model")
+        with tempfile.TemporaryDirectory(prefix="export-model-") as workdir:
+            with progress.stage("load", f"reference model {source}"):
+                model_dir, _ = loading.resolve_model_dir(source, Path(workdir))
+                config = loading.read_config(model_dir)
+            report = checks.verify_folder(args.folder, manifest["artifacts"], recipes, model_dir, config,
+                                          int(manifest["max_seq_len"]), progress)
+    except UserError as exc:
+        return fail(str(exc))
+    rows = []
+    for name, entry in report["artifacts"].items():
+        numeric = [s for s in entry["stages"] if "max_abs_diff" in s]
+        rows.append([name, f"{max(s['max_abs_diff'] for s in numeric):.2e}",
+                     f"{min(s['top1_agreement'] for s in numeric) * 100:.0f}%",
+                     "passed" if entry["passed"] else "FAILED"])
+    print(table(["artifact", "max |diff|", "top-1", "verification"], rows))
+    if report["passed"]:
+        print(f"\n{args.folder}: hashes intact, every artifact verified")
+        return EXIT_OK
+    print(f"\n{args.folder}: verification FAILED", file=sys.stderr)
+    return EXIT_FAILED
