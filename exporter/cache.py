@@ -139,8 +139,9 @@ class PositionedCache(Cache):
         return [t for layer in self.layers for t in (layer.keys, layer.values)]
 
 
-def cache_plan(model, batch_size: int, max_len: int) -> list[LayerPlan]:
-    """Per decoder layer: cache shapes and kind. Windowed layers get a ring when their window is < ``max_len``.
+def cache_plan(model, batch_size: int, max_len: int, rings: bool = True) -> list[LayerPlan]:
+    """Per decoder layer: cache shapes and kind. With ``rings``, windowed layers get a ring when their window is
+    < ``max_len``; without, every layer is full length (the window is then applied by the mask alone).
 
     Shapes come from one eager step with a DynamicCache, so per-layer head counts / head dims need no
     family-specific config reading.
@@ -158,7 +159,7 @@ def cache_plan(model, batch_size: int, max_len: int) -> list[LayerPlan]:
             raise NotImplementedError(f"layer type {layer_type!r} ({type(layer).__name__}) has no KV cache to export")
         sliding = layer_type in WINDOWED_LAYER_TYPES
         window = kwargs.get("sliding_window") if sliding else None
-        ring = window if window is not None and window < max_len else None
+        ring = window if rings and window is not None and window < max_len else None
         length = max_len if ring is None else ring + 1
         k, v = layer.keys.shape, layer.values.shape
         plan.append(LayerPlan((batch_size, k[1], length, k[3]), (batch_size, v[1], length, v[3]),

@@ -57,18 +57,35 @@ def _verify_artifact(recipe, path: Path, reference, reference_model, tokenizer, 
                      generate_tokens: int) -> dict:
     from exporter.runtime import open_session
 
-    entry = verify.verify_session(open_session(path), reference, recipe.max_abs_diff, recipe.min_top1_agreement)
+    try:
+        entry = verify.verify_session(open_session(path), reference, recipe.max_abs_diff, recipe.min_top1_agreement)
+    except Exception as exc:  # a runtime that cannot run the artifact is a failed verification, reported
+        entry = {"stages": [_error_stage("logits", exc)]}
     entry["recipe"] = recipe.name
-    if tokenizer is None or not (path.parent / "tokenizer.json").is_file():
-        entry["stages"].append({"stage": "runtime_generate", "skipped": "no tokenizer.json", "passed": True})
-    elif recipe.target == "executorch":
-        entry["stages"].append(verify.verify_text_runner(path, path.parent / "tokenizer.json", reference_model,
-                                                         tokenizer, bos_id, eos_ids, generate_tokens))
-    else:
-        from exporter.genai import verify_genai
-
-        stage = verify_genai(path.parent, reference_model, tokenizer, eos_ids, generate_tokens)
-        stage.pop("timings", None)  # speed is not verification, and would make the report differ run to run
-        entry["stages"].append(stage)
+    entry["stages"].append(_generation_check(recipe, path, reference_model, tokenizer, bos_id, eos_ids,
+                                             generate_tokens))
     entry["passed"] = all(stage["passed"] for stage in entry["stages"])
     return entry
+
+
+def _generation_check(recipe, path, reference_model, tokenizer, bos_id, eos_ids, generate_tokens) -> dict:
+    """The runtime's own generation loop vs eager greedy tokens (ExecuTorch TextLLMRunner / ORT GenAI)."""
+    if tokenizer is None or not (path.parent / "tokenizer.json").is_file():
+        return {"stage": "runtime_generate", "skipped": "no tokenizer.json", "passed": True}
+    try:
+        if recipe.target == "executorch":
+            return verify.verify_text_runner(path, path.parent / "tokenizer.json", reference_model, tokenizer,
+                                             bos_id, eos_ids, generate_tokens)
+        from exporter.genai import verify_genai
+
+        window = loading.smallest_window(reference_model.config)
+        stage = verify_genai(path.parent, reference_model, tokenizer, eos_ids, generate_tokens, batch_window=window)
+        stage.pop("timings", None)  # speed is not verification, and would make the report differ run to run
+        return stage
+    except Exception as exc:
+        return _error_stage("text_llm_runner" if recipe.target == "executorch" else "genai_generate", exc)
+
+
+def _error_stage(name: str, exc: Exception) -> dict:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return {"stage": name, "error": f"{type(exc).__name__}: {first}", "passed": False}

@@ -73,8 +73,9 @@ def read_config(model_dir: Path):
         raise UserError(f"{config_path}: transformers cannot read it ({_first_line(exc)})") from None
 
 
-def load_model(model_dir: Path, attn_implementation: str | None = None, dtype=torch.float32):
-    """Load the causal LM in eval mode. ``attn_implementation=None`` keeps transformers' default (the reference)."""
+def load_model(model_dir: Path, attn_implementation: str | None = None, dtype=torch.float32,
+               experts_implementation: str | None = None):
+    """Load the causal LM in eval mode. ``None`` implementations keep transformers' defaults (the reference)."""
     from transformers import AutoModelForCausalLM
 
     if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
@@ -82,6 +83,8 @@ def load_model(model_dir: Path, attn_implementation: str | None = None, dtype=to
     kwargs = {"dtype": dtype}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     except Exception as exc:

@@ -31,7 +31,7 @@ def recipes_from_manifest(manifest: dict):
 
 def cmd_verify(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from exporter import checks, loading
+    from exporter import checks, loading, verify
     from exporter.manifest import check_integrity
     from exporter.progress import Progress, table
 
@@ -53,9 +53,7 @@ def cmd_verify(argv: list[str]) -> int:
         return fail(str(exc))
     rows = []
     for name, entry in report["artifacts"].items():
-        numeric = [s for s in entry["stages"] if "max_abs_diff" in s]
-        rows.append([name, f"{max(s['max_abs_diff'] for s in numeric):.2e}",
-                     f"{min(s['top1_agreement'] for s in numeric) * 100:.0f}%",
+        rows.append([name, *verify.headline(entry),
                      "passed" if entry["passed"] else "FAILED"])
     print(table(["artifact", "max |diff|", "top-1", "verification"], rows))
     if report["passed"]:

@@ -158,3 +158,12 @@ def verify_text_runner(pte_path, tokenizer_path, model, tokenizer, bos_id, eos_i
     return {"stage": "text_llm_runner", "prompt": RUNNER_PROMPT, "prompt_tokens": prompt_tokens,
             "expected_prompt_tokens": len(prompt_ids), "expected_pieces": expected_pieces, "actual_pieces": pieces,
             "generated_tokens": stats[-1].num_generated_tokens if stats else None, "passed": passed}
+
+
+def headline(entry: dict) -> tuple[str, str]:
+    """(worst max abs diff, worst top-1 agreement) over an artifact's logit stages, formatted; "-" if none ran."""
+    numeric = [s for s in entry["stages"] if "max_abs_diff" in s]
+    if not numeric:
+        return "-", "-"
+    return (f"{max(s['max_abs_diff'] for s in numeric):.2e}",
+            f"{min(s['top1_agreement'] for s in numeric) * 100:.0f}%")

@@ -45,13 +45,17 @@ class BufferCacheDecoder(nn.Module):
 
 
 class IOCacheDecoder(nn.Module):
-    """Decoder whose static cache is passed in and returned (functional writes)."""
+    """Decoder whose static cache is passed in and returned (functional writes).
+
+    Every layer's cache is full length, windowed layers included (their window is applied by the mask): ONNX
+    Runtime GenAI allocates one shared buffer shape for all layers.
+    """
 
     def __init__(self, model, max_seq_len: int):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
-        self.plan = cache_plan(model, 1, max_seq_len)
+        self.plan = cache_plan(model, 1, max_seq_len, rings=False)
         self.num_layers = len(self.plan)
 
     def forward(self, input_ids, attention_mask, position_ids, *past_key_values):
