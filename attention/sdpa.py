@@ -78,9 +78,9 @@ def explicit_attention(query, key, value, bias, scaling, softcap, sinks):
         scores = scores + bias
     if sinks is not None:
         sink_logits = sinks.reshape(1, -1, 1, 1).to(scores.dtype).expand(scores.shape[0], -1, scores.shape[2], 1)
-        scores = torch.cat([scores, sink_logits], dim=-1)
-        scores = scores - scores.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(scores, dim=-1)[..., :-1]
+        # softmax is shift-invariant and subtracts the row max itself; an explicit amax (as in transformers'
+        # eager code) would split XNNPACK partitions (its amax supports 2D/3D inputs only)
+        probs = torch.softmax(torch.cat([scores, sink_logits], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
     return torch.matmul(probs.to(value.dtype), value)

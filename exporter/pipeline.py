@@ -23,6 +23,7 @@ import masks
 from exporter import checks, loading, recipes, verify
 from exporter.errors import ExportFailed, UserError
 from exporter.manifest import write_manifest
+from exporter.patches import export_patches
 from exporter.progress import Progress
 from exporter.quiet import native_output_captured
 
@@ -83,10 +84,29 @@ def resolve_max_seq_len(request: ExportRequest, config) -> int:
     return wanted
 
 
+def remove_stale_staging(output: Path) -> None:
+    """Delete staging folders left by killed exports (their process no longer exists)."""
+    for folder in output.parent.glob(f".{output.name}.partial-*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def run_export(request: ExportRequest, progress: Progress) -> ExportResult:
     """Run one export job end to end; raises UserError on bad input, returns the (possibly failed) result."""
     output = request.output.resolve()
     check_output(output, request.force)
+    remove_stale_staging(output)
     staging = output.parent / f".{output.name}.partial-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -115,8 +135,9 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
     artifacts = {}
     for recipe in request.recipes:
         try:
-            artifacts[recipe.target] = _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
-                                                       staging, progress)
+            with export_patches(config.model_type):
+                artifacts[recipe.target] = _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids,
+                                                           pad_id, staging, progress)
         except Exception as exc:
             if os.environ.get("EXPORT_MODEL_DEBUG"):
                 raise
@@ -164,9 +185,13 @@ def _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id,
         from exporter.genai import genai_config
         from exporter.lower_onnx import export_onnx
 
+        from exporter.capture import export_io_decoder
+
         wrapper = IOCacheDecoder(model, max_seq_len).eval()
+        with progress.stage("capture", f"torch.export for {recipe.name}"):
+            program = export_io_decoder(wrapper)
         with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
-            export_onnx(wrapper, staging / name)
+            export_onnx(program, wrapper.num_layers, max_seq_len, staging / name)
             past = wrapper.empty_past()
             kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
             genai = genai_config(config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, bos_id, eos_ids, pad_id)

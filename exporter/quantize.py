@@ -7,8 +7,12 @@ Schemes (XNNPACK kernels they lower to):
 - ``8da4w``: ``Int8DynamicActivationIntxWeightConfig(int4, PerGroup(group_size))`` on every ``nn.Linear``: int8
   asymmetric per-token dynamic activations, symmetric int4 weights in groups of ``group_size`` (default 32)
   along the input dimension -> XNNPACK ``qd8-f32-qb4w`` GEMM.
-- ``int8``: ``IntxWeightOnlyConfig(int8, PerAxis(0))`` (``group_size`` 0, the default) or ``PerGroup`` -> weight-only
-  int8; XNNPACK takes per-channel weight-only linears as ``f32-qc8w``.
+- ``8da8w``: ``Int8DynamicActivationIntxWeightConfig(int8, PerAxis(0))``: int8 per-token dynamic activations, int8
+  per-channel weights -> XNNPACK ``qd8-f32-qc8w``. The int8 recipe: XNNPACK has no weight-only linear kernels
+  (ExecuTorch docs: "Weight-only quantization is not currently supported on XNNPACK"), and groupwise int8 weights
+  fail to lower ("Only 4b group quantization is supported").
+- ``int8``: ``IntxWeightOnlyConfig(int8, PerAxis(0))``, true weight-only. Refused for XNNPACK: executorch 1.5.1
+  partitions it and the artifact silently computes garbage (max abs diff ~2e3 on one 64x96 linear, measured).
 - ``none``: no linear quantization.
 Embeddings (``embedding``): ``4w`` (int4, groups of 32) or ``8w`` (int8, per row) with ``IntxWeightOnlyConfig``; not
 delegated to XNNPACK, they run as ExecuTorch's quantized embedding kernels after ``do_quant_fusion_and_const_prop``.
@@ -25,9 +29,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-LINEAR_SCHEMES = ("none", "8da4w", "int8")
+LINEAR_SCHEMES = ("none", "8da4w", "8da8w", "int8")
 EMBEDDING_SCHEMES = (None, "4w", "8w")
-DEFAULT_GROUP_SIZE = {"8da4w": 32, "int8": 0, "none": 0}
+DEFAULT_GROUP_SIZE = {"8da4w": 32, "8da8w": 0, "int8": 0, "none": 0}
 EMBEDDING_GROUP_SIZE = {"4w": 32, "8w": 0}
 
 
@@ -60,7 +64,14 @@ def linear_config(scheme: str, group_size: int, algorithm: str = "hqq_scale_only
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
 
     if scheme == "8da4w":
+        # XNNPACK stores blockwise (per-group) weight scales as bf16 (node_visitor.get_quant_params); rounding them
+        # to bf16 here makes the eager model compute with exactly the scales the artifact holds.
+        scale_dtype = torch.bfloat16 if group_size else None
         return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=_granularity(group_size),
+                                                     weight_scale_dtype=scale_dtype,
+                                                     intx_choose_qparams_algorithm=algorithm)
+    if scheme == "8da8w":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=_granularity(group_size),
                                                      intx_choose_qparams_algorithm=algorithm)
     if scheme == "int8":
         return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=_granularity(group_size),
@@ -80,7 +91,7 @@ def embedding_config(scheme: str, group_size: int, algorithm: str = "hqq_scale_o
 
 def quantize_model(model: nn.Module, scheme: str = "8da4w", group_size: int | None = None,
                    embedding: str | None = None, embedding_group_size: int | None = None,
-                   algorithm: str = "hqq_scale_only") -> QuantizationSummary:
+                   algorithm: str = "hqq_scale_only", backend: str | None = "xnnpack") -> QuantizationSummary:
     """Quantize ``model`` in place (embeddings first, then linears) and return a summary.
 
     ``group_size``: None = the scheme default (32 for 8da4w, per-channel for int8); 0 = per channel.
@@ -93,7 +104,11 @@ def quantize_model(model: nn.Module, scheme: str = "8da4w", group_size: int | No
         raise ValueError(f"unknown linear quantization {scheme!r}; choose one of {', '.join(LINEAR_SCHEMES)}")
     if embedding not in EMBEDDING_SCHEMES:
         raise ValueError(f"unknown embedding quantization {embedding!r}; choose 4w or 8w")
+    if scheme == "int8" and backend == "xnnpack":
+        raise ValueError("XNNPACK has no weight-only int8 linear (it lowers but computes wrong results); use 8da8w")
     group_size = DEFAULT_GROUP_SIZE[scheme] if group_size is None else group_size
+    if scheme == "8da8w" and group_size and backend == "xnnpack":
+        raise ValueError("XNNPACK supports int8 weights per channel only (group size 0)")
     if group_size < 0 or (group_size and group_size % 2):
         raise ValueError(f"group size must be 0 (per channel) or a positive even number, got {group_size}")
     if embedding is not None and embedding_group_size is None:
@@ -111,6 +126,12 @@ def quantize_model(model: nn.Module, scheme: str = "8da4w", group_size: int | No
             return ok
 
         quantize_(model, embedding_config(embedding, embedding_group_size, algorithm), filter_fn=is_embedding)
+        for module in model.modules():
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None and _is_quantized(module.weight):
+                # padding_idx only shapes gradients; as an explicit ``aten.embedding`` argument it stops ExecuTorch's
+                # quant fusion from matching ``dequantize_affine + embedding`` (-> "Missing out variants:
+                # torchao::dequantize_affine" at to_executorch).
+                module.padding_idx = None
 
     if scheme != "none":
         def is_linear(module, fqn):
@@ -124,6 +145,10 @@ def quantize_model(model: nn.Module, scheme: str = "8da4w", group_size: int | No
 
         quantize_(model, linear_config(scheme, group_size, algorithm), filter_fn=is_linear)
     return summary
+
+
+def _is_quantized(weight: torch.Tensor) -> bool:
+    return type(weight) not in (torch.Tensor, nn.Parameter)
 
 
 def _untie(model: nn.Module) -> bool:

@@ -67,7 +67,7 @@ class IOCacheDecoder(nn.Module):
         )
         return (out.logits, *cache.key_value_tensors())
 
-    def empty_past(self) -> list[torch.Tensor]:
-        """Zero past tensors ``[k0, v0, k1, v1, ...]`` (batch 1) for a fresh sequence."""
+    def empty_past(self, batch_size: int = 1) -> list[torch.Tensor]:
+        """Zero past tensors ``[k0, v0, k1, v1, ...]`` for a fresh sequence."""
         keys, values = empty_cache_tensors(self.plan)
-        return [t for pair in zip(keys, values) for t in pair]
+        return [t.expand(batch_size, *t.shape[1:]).contiguous() for pair in zip(keys, values) for t in pair]

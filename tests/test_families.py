@@ -35,3 +35,4 @@ def test_family_exports_and_verifies(tmp_path, name):
             prompts = [int(s["stage"][7:].split("+")[0]) for s in decodes]
             assert max(prompts) > WINDOW and min(prompts) < WINDOW
             assert all(p + s["positions"] >= 3 * WINDOW for p, s in zip(prompts, decodes))
+
