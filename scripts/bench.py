@@ -134,7 +134,7 @@ def child_export_ours(job: dict) -> dict:
                                       dynamic_shapes={"tokens": {1: seq}, "input_pos": {0: seq}}, strict=False)
     wrapper.reset_cache()
     phases["capture"] = time.perf_counter() - t0 - sum(phases.values())
-    data = lower(program, metadata(model.config, max_len))
+    data = lower(program, metadata(model.config, max_len), mean_as_linear=job.get("mean_as_linear", False))
     Path(job["out"]).write_bytes(data)
     phases["lower"] = time.perf_counter() - t0 - sum(phases.values())
     return {"phases": phases, "quantization": summary.as_dict(), "files": [job["out"]]}
@@ -149,7 +149,49 @@ def metadata(config, max_len: int) -> dict:
     return meta
 
 
-def lower(program, constant_methods: dict) -> bytes:
+def means_as_linear(program):
+    """Rewrite ``aten.mean.dim(x, [-1], keepdim=True)`` (RMSNorm's variance) as ``aten.linear(x, [1/H] * H)``.
+
+    XNNPACK's partitioner takes ``mean`` only over the last two dims of a 4D tensor, so every RMSNorm otherwise
+    splits the graph into another delegate (about 5 per layer instead of 2: lowering time grows with the number of
+    delegates, and each boundary costs a delegate call at runtime). As a linear with a constant row, it is delegated.
+    """
+    import torch
+    from executorch.backends.transforms.utils import create_constant_placeholder
+    from torch.export.graph_signature import InputKind
+
+    graph = program.graph_module.graph
+    first_input = next(n for n in graph.nodes if n.op == "placeholder")
+    targets = (torch.ops.aten.mean.dim,  torch.ops.aten.mean.default)
+    count = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in (torch.ops.aten.mean.dim,):
+            continue
+        x = node.args[0]
+        val = x.meta.get("val")
+        dims = node.args[1] if len(node.args) > 1 else None
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if val is None or not val.is_floating_point() or not keepdim or dims is None or len(dims) != 1:
+            continue
+        if dims[0] not in (-1, val.dim() - 1) or not isinstance(val.shape[-1], int):
+            continue
+        width = val.shape[-1]
+        with graph.inserting_before(first_input):
+            row = create_constant_placeholder(program, graph, f"_mean_row_{width}_{str(val.dtype)[6:]}",
+                                              InputKind.CONSTANT_TENSOR, torch.full((1, width), 1.0 / width,
+                                                                                   dtype=val.dtype))
+        with graph.inserting_before(node):
+            linear = graph.call_function(torch.ops.aten.linear.default, (x, row))
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        graph.erase_node(node)
+        count += 1
+    del targets
+    program.graph_module.recompile()
+    return count
+
+
+def lower(program, constant_methods: dict, mean_as_linear: bool = False) -> bytes:
     """``exporter.lower_executorch.lower_to_pte`` plus ``do_quant_fusion_and_const_prop`` (quantized embeddings ->
     ``quantized_decomposed::embedding_{4bit,byte}``); the proposed change to that function."""
     import warnings
@@ -160,6 +202,8 @@ def lower(program, constant_methods: dict) -> bytes:
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    if mean_as_linear:
+        means_as_linear(program)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
@@ -371,7 +415,8 @@ def run_child(kind: str, job: dict, workdir: Path, python: str = sys.executable,
     start = time.perf_counter()
     with open(workdir / "children.log", "a") as logfile:
         proc = subprocess.Popen([python, str(Path(__file__).resolve()), "_child", kind, str(job_path)], cwd=ROOT,
-                                stdout=logfile, stderr=logfile, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                stdout=logfile, stderr=logfile, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                                     "OMP_NUM_THREADS": str(job["threads"])})
         _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     result_path = Path(str(job_path) + ".result")
@@ -398,7 +443,9 @@ def main(argv=None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for every runtime and export (1: on a loaded 2-core machine, 2 OpenMP threads "
+                             "spin against other work: eager decode measured 30x slower)")
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers.exporters (its export is slow)")
     parser.add_argument("--optimum-python", help="python of a venv with optimum-executorch (see the docstring)")
     parser.add_argument("--optimum-qlinear", default="none,8da4w", help="optimum exports: none = fp32")

@@ -154,6 +154,7 @@ def shrink_dict(d: dict, attribute_map: dict, top: bool = True) -> dict:
                 continue
             d[key] = value
 
+    mla_rope_is_head_dim = isinstance(d.get("qk_rope_head_dim"), int) and d.get("head_dim") == d["qk_rope_head_dim"]
     layer_keys = keys_for("num_hidden_layers")
     n_orig = d[layer_keys[0]] if layer_keys else None
     per_layer = _per_layer_lists(d, n_orig)
@@ -224,6 +225,12 @@ def shrink_dict(d: dict, attribute_map: dict, top: bool = True) -> dict:
         d["initializer_range"] = 0.1
     if "use_cache" in d:
         d["use_cache"] = True
+    # multi-head latent attention: head_dim is the rope part, qk_head_dim = nope + rope
+    if mla_rope_is_head_dim:
+        d["head_dim"] = d["qk_rope_head_dim"]
+    if isinstance(d.get("qk_head_dim"), int) and isinstance(d.get("qk_rope_head_dim"), int) \
+            and isinstance(d.get("qk_nope_head_dim"), int):
+        d["qk_head_dim"] = d["qk_rope_head_dim"] + d["qk_nope_head_dim"]
     # coupled sizes some validators check: mamba heads * head dim == expand * hidden
     hidden = next((d[k] for k in keys_for("hidden_size") if isinstance(d[k], int)), HIDDEN)
     if isinstance(d.get("mamba_expand"), int) and isinstance(d.get("mamba_n_heads"), int) and "mamba_d_head" in d:
@@ -257,6 +264,15 @@ def build_config(model_type: str):
         return cls(**d)
     except Exception:
         return cls.from_dict(d)
+
+
+def config_sha(config) -> str:
+    """Short hash of the tiny config (to spot results made with an older shrinking rule)."""
+    import hashlib
+
+    text = json.dumps({k: v for k, v in config.to_dict().items() if k != "transformers_version"}, sort_keys=True,
+                      default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def materialize(model_type: str, directory: Path):
@@ -381,6 +397,7 @@ def worker(model_type: str, out_path: Path) -> None:
     with tempfile.TemporaryDirectory(prefix=f"coverage-{model_type}-") as tmp:
         folder = Path(tmp) / "model"
         try:
+            result["config_sha"] = config_sha(build_config(model_type))  # before from_config annotates it
             config, n_params, cls_name = materialize(model_type, folder)
             result["model_class"] = cls_name
             result["params"] = n_params

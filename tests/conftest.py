@@ -37,5 +37,13 @@ def tiny_export(tmp_path_factory) -> Path:
     return output
 
 
+def vmap_reference(**kwargs):
+    """transformers' ``sdpa_mask`` forced onto its vmap path and never skipping: the reference mask interface."""
+    from transformers import masking_utils
+
+    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=True)
+    return masking_utils.sdpa_mask(**kwargs)
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text())

@@ -72,7 +72,7 @@ def test_malformed_config(capsys, tmp_path, broken_model):
 
 
 @pytest.mark.parametrize("model_type,fragment", [("no_such_type", "not a causal language model"),
-                                                 ("bert", "not supported yet; supported: llama")])
+                                                 ("bert", "not supported yet; supported: cohere2, gemma")])
 def test_unsupported_model_type(capsys, tmp_path, broken_model, model_type, fragment):
     config = json.loads((broken_model / "config.json").read_text())
     config["model_type"] = model_type

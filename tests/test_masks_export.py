@@ -30,6 +30,7 @@ from transformers.models.gemma3.modeling_gemma3 import _bidirectional_window_ove
 import attention
 import masks
 from exporter.mask_view import SlotCache, SlotLayer
+from tests.conftest import vmap_reference
 
 NAME = "export_safe"
 REFERENCE = "test_export_vmap_reference"
@@ -45,12 +46,6 @@ LENGTHS = [(0, 5), (5, 1), (6, 3), (0, KV), (KV - 1, 1), (2, 7)]
 EXAMPLE = (2, 3)  # the trace example: S=3, T=5 (distinct, so nothing specialises on S == T)
 SMALL = dict(hidden_size=8, num_attention_heads=2, num_key_value_heads=1, head_dim=4, vocab_size=16,
              intermediate_size=8, num_hidden_layers=2)
-
-
-def vmap_reference(**kwargs):
-    """transformers' ``sdpa_mask`` on its vmap path, never skipping (the reference mask interface)."""
-    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=True)
-    return mu.sdpa_mask(**kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)

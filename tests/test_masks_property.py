@@ -29,6 +29,7 @@ from transformers.models.gemma3.modeling_gemma3 import _bidirectional_window_ove
 import attention
 import masks
 from exporter.mask_view import SlotCache, SlotLayer
+from tests.conftest import vmap_reference
 
 EXAMPLES = int(os.environ.get("MASK_PROPERTY_EXAMPLES", "0")) or None
 SETTINGS = settings(
@@ -40,12 +41,6 @@ FULL_PATH_SETTINGS = settings(
 NAME = "export_safe"
 VMAP_REFERENCE = "test_vmap_reference"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def vmap_reference(**kwargs):
-    """transformers' ``sdpa_mask`` forced onto its vmap path and never skipping (a mask interface function)."""
-    kwargs.update(allow_is_causal_skip=False, allow_is_bidirectional_skip=False, use_vmap=True)
-    return mu.sdpa_mask(**kwargs)
 
 
 @pytest.fixture(scope="module", autouse=True)
