@@ -231,7 +231,7 @@ def build_parser():
 def cmd_masks(argv: list[str]) -> int:
     """``export-model masks --model M [--prompt-len N --offset K --left-padding P]``: 0 ok, 1 mismatch, 2 bad input."""
     from exporter import loading
-    from exporter.cli import EXIT_FAILED, EXIT_OK, _fail
+    from exporter.cli import EXIT_FAILED, EXIT_OK, fail
 
     try:
         args = build_parser().parse_args(argv)
@@ -255,6 +255,6 @@ def cmd_masks(argv: list[str]) -> int:
         text, matched = report(text_config, f"{args.model} ({config.model_type})", args.prompt_len, args.offset,
                                args.left_padding)
     except UserError as exc:
-        return _fail(str(exc))
+        return fail(str(exc))
     print(text)
     return EXIT_OK if matched else EXIT_FAILED
