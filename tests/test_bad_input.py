@@ -129,3 +129,20 @@ def test_hub_id_offline_is_one_line(tmp_path):
     assert_one_line_error(result.returncode, result.stderr, "some-org/some-model-that-is-not-cached",
                           "could not download")
     assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ("name = \"x\"\ntarget = [unclosed", "not valid TOML"),
+    ("name = \"x\"\ntarget = \"executorch\"\nbackend = \"xnnpack\"\ndtype = \"float32\"\nquantization = \"none\"\n"
+     "max_seq_len = 64\n", "missing [verify] table"),
+    ("name = \"x\"\ntarget = \"executorch\"\nbackend = \"coreml\"\ndtype = \"float32\"\nquantization = \"none\"\n"
+     "max_seq_len = 64\n[verify]\nmax_abs_diff = 1e-4\nmin_top1_agreement = 1.0\n", "backend 'coreml' is not one of"),
+    ("name = \"x\"\ntarget = \"onnx\"\nbackend = \"onnxruntime\"\ndtype = \"float32\"\nquantization = \"none\"\n"
+     "max_seq_len = \"long\"\n[verify]\nmax_abs_diff = 1e-4\nmin_top1_agreement = 1.0\n", "must be int"),
+])
+def test_invalid_recipe_file(capsys, tmp_path, body, fragment):
+    recipe = tmp_path / "broken.toml"
+    recipe.write_text(body)
+    code, err = run_main(capsys, "--model", "builtin:tiny-llama", "--recipe", recipe, "--output", tmp_path / "out")
+    assert_one_line_error(code, err, "broken.toml", fragment)
+    assert_nothing_written(tmp_path / "out")
