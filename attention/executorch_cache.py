@@ -21,12 +21,10 @@ A forward's positions must be consecutive (``start .. start+S-1``), which is wha
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from torch import nn
 
-from exporter.cache import INVALID_POSITION, LayerPlan, PositionedCache, PositionedKVLayer, RingKVLayer, cache_plan
+from exporter.cache import LayerPlan, PositionedCache, PositionedKVLayer, RingKVLayer, cache_plan
 
 START_POS_KWARG = "et_start_pos"
 
@@ -54,7 +52,8 @@ class ExecuTorchKVLayer(PositionedKVLayer):
 
 
 class ExecuTorchRingLayer(RingKVLayer):
-    """Ring ``[B, W + 1, KVH, D]`` (W live slots + trash slot); same slot arithmetic as ``RingKVLayer``."""
+    """Ring ``[B, W + 1, KVH, D]`` (W live slots + trash slot); same slot arithmetic and key positions (mask) as
+    ``RingKVLayer``, whose ``ring_slot_positions`` avoids ExecuTorch's truncating int ``remainder``."""
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Return ``[ring before this forward (W), new states (S)]`` along dim 1; write the surviving new states."""
@@ -71,16 +70,6 @@ class ExecuTorchRingLayer(RingKVLayer):
         torch.ops.llama.update_cache_with_indices(new_keys, self.keys, start, slots)
         torch.ops.llama.update_cache_with_indices(new_values, self.values, start, slots)
         return all_keys, all_values
-
-    def key_positions(self) -> torch.Tensor:
-        """``RingKVLayer.key_positions`` with non-negative ``remainder`` operands: ExecuTorch's portable int64
-        ``remainder`` truncates (``-9 % 8 == -1``, PyTorch gives 7), which broke the ring masks at runtime."""
-        positions = self.owner.positions
-        last = positions[0] - 1
-        slot = torch.arange(self.window, device=positions.device)
-        ring = last - torch.remainder(last - slot + self.window, self.window)  # last - slot >= -window
-        ring = torch.where(ring >= 0, ring, INVALID_POSITION)
-        return torch.cat([ring, positions])
 
 
 class ExecuTorchCache(PositionedCache):
@@ -109,15 +98,6 @@ class ExecuTorchCache(PositionedCache):
         self.start_pos = start
 
 
-def full_length(layer: LayerPlan, max_len: int) -> LayerPlan:
-    """``layer`` as a full-length cache (a ring's window then comes from the mask only)."""
-    if layer.window is None:
-        return layer
-    b, kvh, _, dk = layer.key_shape
-    _, vh, _, dv = layer.value_shape
-    return dataclasses.replace(layer, key_shape=(b, kvh, max_len, dk), value_shape=(b, vh, max_len, dv), window=None)
-
-
 def bshd_cache_tensors(plan: list[LayerPlan], dtype: torch.dtype | None = None):
     """Zero ``[B, length, KVH, D]`` key and value tensors for ``plan`` (its shapes are ``[B, KVH, length, D]``)."""
     keys, values = [], []
@@ -142,9 +122,8 @@ class ExecuTorchCacheDecoder(nn.Module):
         load_custom_ops()
         self.model = model
         self.max_seq_len = max_seq_len
-        self.plan = cache_plan(model, 1, max_seq_len)
-        if not rings:  # windowed layers keep the full history; the mask alone applies the window
-            self.plan = [full_length(layer, max_seq_len) for layer in self.plan]
+        # rings=False: windowed layers keep the full history and the mask alone applies the window
+        self.plan = cache_plan(model, 1, max_seq_len, rings=rings)
         keys, values = bshd_cache_tensors(self.plan, cache_dtype)
         for i, (k, v) in enumerate(zip(keys, values)):
             self.register_buffer(f"k_cache_{i}", k, persistent=False)

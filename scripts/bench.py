@@ -162,10 +162,9 @@ def means_as_linear(program):
 
     graph = program.graph_module.graph
     first_input = next(n for n in graph.nodes if n.op == "placeholder")
-    targets = (torch.ops.aten.mean.dim,  torch.ops.aten.mean.default)
     count = 0
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in (torch.ops.aten.mean.dim,):
+        if node.op != "call_function" or node.target != torch.ops.aten.mean.dim:
             continue
         x = node.args[0]
         val = x.meta.get("val")
@@ -178,7 +177,7 @@ def means_as_linear(program):
         width = val.shape[-1]
         with graph.inserting_before(first_input):
             row = create_constant_placeholder(program, graph, f"_mean_row_{width}_{str(val.dtype)[6:]}",
-                                              InputKind.CONSTANT_TENSOR, torch.full((1, width), 1.0 / width,
+                                              InputKind.PARAMETER, torch.full((1, width), 1.0 / width,
                                                                                    dtype=val.dtype))
         with graph.inserting_before(node):
             linear = graph.call_function(torch.ops.aten.linear.default, (x, row))
@@ -186,7 +185,6 @@ def means_as_linear(program):
         node.replace_all_uses_with(linear)
         graph.erase_node(node)
         count += 1
-    del targets
     program.graph_module.recompile()
     return count
 
@@ -447,6 +445,9 @@ def main(argv=None) -> int:
                         help="threads for every runtime and export (1: on a loaded 2-core machine, 2 OpenMP threads "
                              "spin against other work: eager decode measured 30x slower)")
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers.exporters (its export is slow)")
+    parser.add_argument("--skip-eager", action="store_true", help="skip the eager PyTorch row")
+    parser.add_argument("--mean-as-linear", action="store_true",
+                        help="ours: rewrite RMSNorm's last-dim mean as a linear so XNNPACK keeps it (see means_as_linear)")
     parser.add_argument("--optimum-python", help="python of a venv with optimum-executorch (see the docstring)")
     parser.add_argument("--optimum-qlinear", default="none,8da4w", help="optimum exports: none = fp32")
     parser.add_argument("--via-cli", action="store_true", help="export ours with the export-model CLI")
@@ -476,14 +477,15 @@ def main(argv=None) -> int:
     def note(msg):
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    note(f"eager PyTorch ({model_dir})")
-    report["rows"]["eager"] = {"export": None, "run": run_child(
-        "run_eager", {**common, "fp32_ref": fp32_ref if args.accuracy else None}, workdir)}
+    if not args.skip_eager:
+        note(f"eager PyTorch ({model_dir})")
+        report["rows"]["eager"] = {"export": None, "run": run_child(
+            "run_eager", {**common, "fp32_ref": fp32_ref if args.accuracy else None}, workdir)}
 
     for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
         note(f"ours {name}: export")
         out = str(workdir / f"ours-{name}.pte")
-        job = {**common, "recipe": name, "out": out, "accuracy": args.accuracy}
+        job = {**common, "recipe": name, "out": out, "accuracy": args.accuracy, "mean_as_linear": args.mean_as_linear}
         export = run_child("export_cli" if args.via_cli else "export_ours", job, workdir)
         row = {"export": export}
         if "error" not in export:
