@@ -19,18 +19,23 @@ Routing: plain causal layers (``full_attention`` in transformers' per-layer type
 with ``start_pos``; every other layer (sliding window, chunked, rings) takes the explicit-mask path with the mask from this project's mask builder, so sliding-window models keep working.
 Softcapping and attention sinks have no custom-op argument: those layers fall back to ``attention.sdpa``.
 
-Contract: the ``et_start_pos`` keyword (passed to the model by ``ExecuTorchCacheDecoder``) means keys/values arrive in
-``ExecuTorchCache``'s ``[B, L, KVH, D]`` layout; without it (e.g. a ``DynamicCache`` probe) this is ``attention.sdpa``.
+Contract: the ``et_start_pos`` keyword (passed to the model by ``exporter.wrappers.BufferCacheDecoder(custom_ops=True)``) means
+keys/values arrive in ``exporter.executorch_cache.ExecuTorchCache``'s ``[B, L, KVH, D]`` layout; without it (e.g. a ``DynamicCache`` probe) this is ``attention.sdpa``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from attention.executorch_cache import START_POS_KWARG, load_custom_ops
 from attention.sdpa import sdpa_attention
 
 ATTN_IMPLEMENTATION = "export_safe_et"
+START_POS_KWARG = "et_start_pos"  # the cache's start position, passed by the custom-op cache wrapper
+
+
+def load_custom_ops() -> None:
+    """Register ``torch.ops.llama.*`` (meta kernels for export + ATen CPU kernels for eager runs)."""
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
 
 
 def is_plain_causal(module: torch.nn.Module, kwargs: dict) -> bool:
@@ -85,7 +90,7 @@ def executorch_sdpa_attention(
     Without ``et_start_pos`` in ``kwargs`` the inputs are transformers' standard layout and ``attention.sdpa`` runs.
     """
     start_pos = kwargs.pop(START_POS_KWARG, None)
-    if start_pos is None:  # not under ExecuTorchCacheDecoder (e.g. a DynamicCache probe): standard layout
+    if start_pos is None:  # not under the custom-op cache wrapper (e.g. a DynamicCache probe): standard layout
         return sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, softcap=softcap,
                               s_aux=s_aux, **kwargs)
     if softcap is not None or s_aux is not None:  # no custom-op argument for these: generic path on [B, KVH, L, D]

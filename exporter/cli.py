@@ -47,6 +47,14 @@ def build_parser() -> ArgumentParser:
                         help=f"recipe name or .toml path, once per target ({', '.join(recipes.available())})")
     parser.add_argument("--output", required=True, type=Path, help="output folder (must not exist unless --force)")
     parser.add_argument("--max-seq-len", type=int, help="KV cache length = longest prompt + generation (default: recipe)")
+    parser.add_argument("--group-size", type=int,
+                        help="weights per quantization group for quantized recipes (0 = per channel; default: recipe)")
+    parser.add_argument("--qembedding", choices=("4w", "8w"),
+                        help="also quantize the token embedding table, weight-only int4 / int8 (ExecuTorch recipes)")
+    parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
+                        help="weight and activation dtype (default: recipe; ONNX supports fp32 and fp16)")
+    parser.add_argument("--onnx-cache", choices=("static", "dynamic"),
+                        help="ONNX KV cache contract: static shared buffer (default) or dynamic concatenation")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder once verified")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     return parser
@@ -73,6 +81,28 @@ def select_recipes(target: str | None, names: list[str]):
     return [by_target.get(t) or recipes.load(recipes.DEFAULT_RECIPES[t]) for t in targets]
 
 
+def apply_overrides(chosen: list, group_size=None, qembedding=None, dtype=None, onnx_cache=None) -> list:
+    """Apply the numeric command-line options to the recipes they concern; UserError when one concerns none."""
+    from exporter import recipes
+    from exporter.errors import UserError
+
+    wanted = {"--group-size": (group_size, lambda r: r.quantization != "none", dict(group_size=group_size)),
+              "--qembedding": (qembedding, lambda r: r.target == "executorch", dict(embedding=qembedding)),
+              "--dtype": (dtype, lambda r: True, dict(dtype=dtype)),
+              "--onnx-cache": (onnx_cache, lambda r: r.target == "onnx", dict(kv_cache=onnx_cache))}
+    result = list(chosen)
+    for flag, (value, applies, change) in wanted.items():
+        if value is None:
+            continue
+        targets = [i for i, r in enumerate(result) if applies(r)]
+        if not targets:
+            names = ", ".join(r.name for r in result)
+            raise UserError(f"{flag} does not apply to the selected recipes ({names})")
+        for i in targets:
+            result[i] = recipes.with_overrides(result[i], **change)
+    return result
+
+
 def cmd_export(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from exporter.errors import ExportFailed, UserError
@@ -82,7 +112,9 @@ def cmd_export(argv: list[str]) -> int:
     try:
         if args.max_seq_len is not None and args.max_seq_len < 4:
             raise UserError(f"--max-seq-len must be at least 4, got {args.max_seq_len}")
-        request = ExportRequest(model=args.model, recipes=select_recipes(args.target, args.recipe),
+        chosen = apply_overrides(select_recipes(args.target, args.recipe), args.group_size, args.qembedding,
+                                 args.dtype, args.onnx_cache)
+        request = ExportRequest(model=args.model, recipes=chosen,
                                 output=args.output, max_seq_len=args.max_seq_len, force=args.force)
         progress = Progress(quiet=args.quiet)
         result = run_export(request, progress)

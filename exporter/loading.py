@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -102,7 +103,15 @@ def _first_line(exc: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def special_ids(config, model_dir: Path) -> tuple[int | None, list[int], int | None]:
+class SpecialIds(NamedTuple):
+    """Special token ids of a checkpoint (unpacks as ``bos, eos, pad``)."""
+
+    bos: int | None
+    eos: list[int]
+    pad: int | None
+
+
+def special_ids(config, model_dir: Path) -> SpecialIds:
     """(bos id, eos ids, pad id) from the config and generation config."""
     text = config.get_text_config()
     eos: list[int] = []
@@ -119,7 +128,7 @@ def special_ids(config, model_dir: Path) -> tuple[int | None, list[int], int | N
                 eos.append(token)
     bos = getattr(text, "bos_token_id", None) or getattr(config, "bos_token_id", None)
     pad = getattr(text, "pad_token_id", None)
-    return bos, eos, pad
+    return SpecialIds(bos, eos, pad)
 
 
 def smallest_window(config) -> int | None:

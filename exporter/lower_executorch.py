@@ -9,7 +9,8 @@ import torch
 from torch.export import ExportedProgram
 
 
-def runner_metadata(config, max_seq_len: int, eos_ids: list[int], bos_id: int | None) -> dict:
+def runner_metadata(config, max_seq_len: int, eos_ids: list[int], bos_id: int | None,
+                    use_sdpa_with_kv_cache: bool = False) -> dict:
     """Constant methods ExecuTorch's ``TextLLMRunner`` reads (see shared notes on runtime contracts)."""
     metadata = {
         "get_max_seq_len": max_seq_len,
@@ -18,7 +19,7 @@ def runner_metadata(config, max_seq_len: int, eos_ids: list[int], bos_id: int | 
         "get_eos_ids": list(eos_ids),
         "use_kv_cache": True,
         "enable_dynamic_shape": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": use_sdpa_with_kv_cache,
     }
     if bos_id is not None:
         metadata["get_bos_id"] = int(bos_id)
@@ -44,8 +45,12 @@ def xnnpack_partitioner():
     return XnnpackPartitioner(configs=[ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS])
 
 
-def lower_to_pte(program: ExportedProgram, metadata: dict) -> bytes:
-    """XNNPACK-partitioned ExecuTorch program bytes; the KV cache stays as mutable buffers in the program."""
+def lower_to_pte(program: ExportedProgram, metadata: dict, quantized: bool = False) -> bytes:
+    """XNNPACK-partitioned ExecuTorch program bytes; the KV cache stays as mutable buffers in the program.
+
+    ``quantized``: fuse torchao's dequantize + op patterns that XNNPACK did not take (quantized embeddings) into
+    ExecuTorch's quantized kernels (``do_quant_fusion_and_const_prop``).
+    """
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -61,6 +66,7 @@ def lower_to_pte(program: ExportedProgram, metadata: dict) -> bytes:
         executorch_program = edge.to_executorch(
             ExecutorchBackendConfig(
                 extract_delegate_segments=True,
+                do_quant_fusion_and_const_prop=quantized,
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
                 sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
             )
@@ -68,5 +74,3 @@ def lower_to_pte(program: ExportedProgram, metadata: dict) -> bytes:
     return executorch_program.buffer
 
 
-def write_pte(data: bytes, path: Path) -> None:
-    path.write_bytes(data)

@@ -8,6 +8,7 @@ files, ``config.json``, ``verification.json`` and ``manifest.json``. A failed ve
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -28,7 +29,22 @@ from exporter.progress import Progress
 from exporter.quiet import native_output_captured
 
 ATTN_IMPLEMENTATION = "export_safe"
-ARTIFACT_NAMES = {"executorch": "model.pte", "onnx": "model.onnx"}
+
+
+def _build_executorch(*args):
+    from exporter.executorch_artifact import build_executorch
+
+    return build_executorch(*args)
+
+
+def _build_onnx(*args):
+    from exporter.onnx_artifact import build_onnx
+
+    return build_onnx(*args)
+
+
+# target -> builder(recipe, model, config, max_seq_len, ids, staging, progress) -> (file name, build details)
+BUILDERS = {"executorch": _build_executorch, "onnx": _build_onnx}
 
 
 @dataclass
@@ -128,22 +144,27 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
         max_seq_len = resolve_max_seq_len(request, config)
         # MoE experts as gathered batched matmuls: the default grouped_mm is a custom op ExecuTorch cannot run.
         model = loading.load_model(model_dir, use_export_safe_attention(), experts_implementation="batched_mm")
-        bos_id, eos_ids, pad_id = loading.special_ids(config, model_dir)
+        ids = loading.special_ids(config, model_dir)
         progress.note(f"{config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
                       f"cache length {max_seq_len}")
 
-    artifacts = {}
+    artifacts, builds = {}, {}
     for recipe in request.recipes:
+        # A recipe that changes the weights (quantization, dtype) works on its own copy: --target all must not
+        # hand the ONNX export a model the ExecuTorch recipe quantized.
+        recipe_model = model if recipe.exact else copy.deepcopy(model)
         try:
             with export_patches(config.model_type):
-                artifacts[recipe.target] = _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids,
-                                                           pad_id, staging, progress)
+                artifacts[recipe.target], builds[recipe.target] = BUILDERS[recipe.target](
+                    recipe, recipe_model, config, max_seq_len, ids, staging, progress)
         except Exception as exc:
             if os.environ.get("EXPORT_MODEL_DEBUG"):
                 raise
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             raise ExportFailed(f"{recipe.name}: {type(exc).__name__}: {first} "
                                "(set EXPORT_MODEL_DEBUG=1 for the traceback)") from None
+        finally:
+            del recipe_model
     for path in loading.tokenizer_files(model_dir):
         shutil.copy2(path, staging / path.name)
     shutil.copy2(model_dir / "config.json", staging / "config.json")
@@ -160,43 +181,13 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
             "recipes": [r.as_dict() for r in request.recipes],
             "max_seq_len": max_seq_len,
             "artifacts": artifacts,
+            "build": builds,
             "verification": {"passed": report["passed"], **{
                 name: {"passed": entry["passed"], "stages": {s["stage"]: s["passed"] for s in entry["stages"]}}
                 for name, entry in report["artifacts"].items()}},
         })
     rows = _summary_rows(staging, artifacts, report)
     return ExportResult(passed=report["passed"], output=staging, verification=report, rows=rows)
-
-
-def _build_artifact(recipe, model, config, max_seq_len, bos_id, eos_ids, pad_id, staging, progress) -> str:
-    from exporter.wrappers import BufferCacheDecoder, IOCacheDecoder
-
-    name = ARTIFACT_NAMES[recipe.target]
-    if recipe.target == "executorch":
-        from exporter.capture import export_buffer_decoder
-        from exporter.lower_executorch import lower_to_pte, runner_metadata
-
-        with progress.stage("capture", f"torch.export for {recipe.name}"):
-            program = export_buffer_decoder(BufferCacheDecoder(model, max_seq_len).eval(), max_seq_len)
-        with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"), native_output_captured():
-            data = lower_to_pte(program, runner_metadata(config, max_seq_len, eos_ids, bos_id))
-            (staging / name).write_bytes(data)
-    else:
-        from exporter.genai import genai_config
-        from exporter.lower_onnx import export_onnx
-
-        from exporter.capture import export_io_decoder
-
-        wrapper = IOCacheDecoder(model, max_seq_len).eval()
-        with progress.stage("capture", f"torch.export for {recipe.name}"):
-            program = export_io_decoder(wrapper)
-        with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
-            export_onnx(program, wrapper.num_layers, max_seq_len, staging / name)
-            past = wrapper.empty_past()
-            kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
-            genai = genai_config(config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, bos_id, eos_ids, pad_id)
-            (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
-    return name
 
 
 def _summary_rows(staging: Path, artifacts: dict, report: dict) -> list[list]:

@@ -13,12 +13,21 @@ import numpy as np
 import torch
 
 
+def load_executorch_kernels() -> None:
+    """Register the kernels a fast-path / quantized ``.pte`` calls outside XNNPACK in this process's ExecuTorch
+    runtime: the LLM custom ops (``llama::custom_sdpa``, ``llama::update_cache``) and the quantized kernels
+    (embeddings). Programs that do not use them are unaffected."""
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+
+
 class ExecuTorchSession:
     """A ``.pte`` decoder method ``forward(tokens [1,S], input_pos [S]) -> logits``; the cache lives in the method."""
 
     def __init__(self, path: Path):
         from executorch.runtime import Runtime
 
+        load_executorch_kernels()
         self.program = Runtime.get().load_program(Path(path))
         self.max_seq_len = int(self._constant("get_max_seq_len"))
         self.method = None
@@ -39,7 +48,12 @@ class ExecuTorchSession:
 
 
 class OnnxSession:
-    """An ``.onnx`` decoder with the static shared-buffer cache passed in and out (see ``lower_onnx``)."""
+    """An ``.onnx`` decoder with its KV cache passed in and out (see ``lower_onnx``), either contract:
+
+    - static (shared buffer): past/present ``[B, KVH, max_seq_len, D]``, this step written at slots ``T-S..T-1``;
+    - dynamic (concatenating): past ``[B, KVH, P, D]`` (``P = 0`` at the start), present ``[B, KVH, P+S, D]``.
+    Either way the attention mask is ``[1, T]`` ones and each present becomes the next step's past.
+    """
 
     def __init__(self, path: Path, threads: int | None = None):
         import onnxruntime as ort
@@ -51,17 +65,24 @@ class OnnxSession:
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_seq_len = int(self.session.get_modelmeta().custom_metadata_map["max_seq_len"])
+        # a symbolic cache length = the concatenating contract
+        self.dynamic_cache = any(isinstance(spec.shape[2], str) or spec.shape[2] is None for spec in self.past_inputs)
         self.reset()
 
     def reset(self) -> None:
         self.past = {}
         for spec in self.past_inputs:
-            shape = [1 if isinstance(d, str) else d for d in spec.shape]
+            batch, heads, length, dim = spec.shape
+            shape = [1, heads, 0 if self.dynamic_cache else length, dim]
             self.past[spec.name] = np.zeros(shape, dtype=np.float16 if "16" in spec.type else np.float32)
 
     def step(self, token_ids: list[int], start_pos: int) -> np.ndarray:
         seq_len = len(token_ids)
         total = start_pos + seq_len
+        if self.dynamic_cache:
+            past_len = next(iter(self.past.values())).shape[2]
+            if past_len != start_pos:
+                raise ValueError(f"dynamic cache holds {past_len} positions, step starts at {start_pos}")
         feeds = {
             "input_ids": np.array([token_ids], dtype=np.int64),
             "attention_mask": np.ones((1, total), dtype=np.int64),

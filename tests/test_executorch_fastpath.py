@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from attention import executorch_sdpa
-from attention.executorch_cache import ExecuTorchCacheDecoder, load_custom_ops
+from attention.executorch_sdpa import load_custom_ops
+from exporter.wrappers import BufferCacheDecoder
 from exporter import builtin, loading
 from exporter.quantize import quantize_model
 
@@ -118,7 +119,7 @@ def test_eager_wrapper_matches_transformers(models, name):
     decoding past the window)."""
     model = loading.load_model(models[name], executorch_sdpa.register())
     ids = sequence(model.config.vocab_size)
-    got = wrapper_logits(eager_step(ExecuTorchCacheDecoder(model, MAX_LEN).eval()), ids)
+    got = wrapper_logits(eager_step(BufferCacheDecoder(model, MAX_LEN, custom_ops=True).eval()), ids)
     assert np.abs(got - reference_logits(models[name], ids)).max() < 1e-4
 
 
@@ -135,7 +136,7 @@ def test_standard_layout_without_start_pos(models):
 def test_executorch_fp32_matches_transformers(models, name, tmp_path):
     model = loading.load_model(models[name], executorch_sdpa.register())
     ids = sequence(model.config.vocab_size)
-    got = export_and_run(ExecuTorchCacheDecoder(model, MAX_LEN).eval(), tmp_path, ids)
+    got = export_and_run(BufferCacheDecoder(model, MAX_LEN, custom_ops=True).eval(), tmp_path, ids)
     assert np.abs(got - reference_logits(models[name], ids)).max() < 1e-4
 
 
@@ -145,7 +146,7 @@ def test_executorch_8da4w_q4emb_matches_quantized_eager(models, tmp_path):
     model = loading.load_model(models["tiny-llama"], executorch_sdpa.register())
     summary = quantize_model(model, "8da4w", 32, "4w")
     assert summary.quantized_linears == 2 * 7 + 1 and summary.quantized_embeddings == 1
-    wrapper = ExecuTorchCacheDecoder(model, MAX_LEN).eval()
+    wrapper = BufferCacheDecoder(model, MAX_LEN, custom_ops=True).eval()
     ids = sequence(model.config.vocab_size)
     expected = wrapper_logits(eager_step(wrapper), ids)
     wrapper.reset_cache()

@@ -14,24 +14,17 @@ Facts (executorch 1.5.1, measured on the installed kernels):
   ``set_positions`` and shared by every layer's write and attention call.
 
 Contract with ``attention.executorch_sdpa``: ``update`` returns keys/values in ``[B, L, KVH, D]`` (not transformers'
-``[B, KVH, L, D]``) so the graph has no transpose (= copy) of the cache; the wrapper passes ``et_start_pos`` to the
-model and the attention refuses to run without it, so this layout never reaches another attention function.
+``[B, KVH, L, D]``) so the graph has no transpose (= copy) of the cache; the wrapper (``exporter.wrappers.BufferCacheDecoder``
+with ``custom_ops=True``) passes ``et_start_pos`` to the model and the attention refuses to run without it, so this layout never reaches another attention function.
 A forward's positions must be consecutive (``start .. start+S-1``), which is what ``TextLLMRunner`` passes.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from exporter.cache import LayerPlan, PositionedCache, PositionedKVLayer, RingKVLayer, cache_plan
-
-START_POS_KWARG = "et_start_pos"
-
-
-def load_custom_ops() -> None:
-    """Register ``torch.ops.llama.*`` (meta kernels for export + ATen CPU kernels for eager runs)."""
-    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+from attention.executorch_sdpa import load_custom_ops
+from exporter.cache import LayerPlan, PositionedCache, PositionedKVLayer, RingKVLayer
 
 
 class ExecuTorchKVLayer(PositionedKVLayer):
@@ -108,37 +101,3 @@ def bshd_cache_tensors(plan: list[LayerPlan], dtype: torch.dtype | None = None):
         keys.append(torch.zeros(b, length, kvh, dk, dtype=dtype or layer.dtype))
         values.append(torch.zeros(b, length, vh, dv, dtype=dtype or layer.dtype))
     return keys, values
-
-
-class ExecuTorchCacheDecoder(nn.Module):
-    """``BufferCacheDecoder`` for the custom-op path: ``forward(tokens [1,S], input_pos [S]) -> logits [1,S,V]``,
-    the cache as mutable buffers ``k_cache_N`` / ``v_cache_N`` of shape ``[1, length, KVH, D]``.
-
-    The model must be loaded with the attention registered by ``attention.executorch_sdpa.register``.
-    """
-
-    def __init__(self, model, max_seq_len: int, cache_dtype: torch.dtype | None = None, rings: bool = True):
-        super().__init__()
-        load_custom_ops()
-        self.model = model
-        self.max_seq_len = max_seq_len
-        # rings=False: windowed layers keep the full history and the mask alone applies the window
-        self.plan = cache_plan(model, 1, max_seq_len, rings=rings)
-        keys, values = bshd_cache_tensors(self.plan, cache_dtype)
-        for i, (k, v) in enumerate(zip(keys, values)):
-            self.register_buffer(f"k_cache_{i}", k, persistent=False)
-            self.register_buffer(f"v_cache_{i}", v, persistent=False)
-
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        keys = [getattr(self, f"k_cache_{i}") for i in range(len(self.plan))]
-        values = [getattr(self, f"v_cache_{i}") for i in range(len(self.plan))]
-        cache = ExecuTorchCache(keys, values, self.plan, self.max_seq_len)
-        cache.set_positions(input_pos)
-        out = self.model(input_ids=tokens, position_ids=input_pos.unsqueeze(0), cache=cache, use_cache=True,
-                         **{START_POS_KWARG: cache.start_pos})
-        return out.logits
-
-    def reset_cache(self) -> None:
-        for name, buf in self.named_buffers():
-            if name.startswith(("k_cache_", "v_cache_")):
-                buf.zero_()

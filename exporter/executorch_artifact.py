@@ -1,0 +1,69 @@
+"""Build one ExecuTorch artifact for a recipe: quantize (torchao) -> wrap (static KV cache as mutable buffers) ->
+capture -> lower (XNNPACK) -> ``model.pte``.
+
+Attention ``executorch_custom_ops`` (the XNNPACK recipes): ExecuTorch's ``llama::update_cache`` /
+``llama::custom_sdpa`` through ``attention.executorch_sdpa``, the runner metadata says ``use_sdpa_with_kv_cache``.
+It needs keys and values of one head size in every layer; models without (multi-head latent attention) and model
+classes that do not route attention through ``AttentionInterface`` use the generic ``export_safe`` path, and the
+build details say so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from exporter.loading import SpecialIds
+from exporter.progress import Progress
+
+
+def custom_ops_blocker(model, plan) -> str | None:
+    """Why the custom-op path cannot take ``model`` (None when it can)."""
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not route attention through AttentionInterface"
+    for layer in plan:
+        if layer.key_shape[1::2] != layer.value_shape[1::2]:
+            return "keys and values differ in shape (llama::custom_sdpa needs one head size)"
+    return None
+
+
+def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging: Path,
+                     progress: Progress) -> tuple[str, dict]:
+    """Write ``model.pte`` into ``staging``; returns the file name and build details for the manifest.
+
+    ``model`` is this recipe's own copy when the recipe quantizes (it is quantized in place).
+    """
+    from exporter.cache import cache_plan
+    from exporter.capture import export_buffer_decoder
+    from exporter.lower_executorch import lower_to_pte, runner_metadata
+    from exporter.quiet import native_output_captured
+    from exporter.wrappers import BufferCacheDecoder
+
+    details = {}
+    if not recipe.exact:
+        from exporter.quantize import quantize_model
+
+        with progress.stage("quantize", f"torchao {recipe.quantization} (group {recipe.group_size}), "
+                                        f"embedding {recipe.embedding_quantization}"):
+            summary = quantize_model(model, recipe.quantization, recipe.group_size,
+                                     None if recipe.embedding_quantization == "none" else recipe.embedding_quantization)
+        details["quantization"] = summary.as_dict()
+    custom_ops = recipe.attention == "executorch_custom_ops"
+    if custom_ops:
+        blocker = custom_ops_blocker(model, cache_plan(model, 1, max_seq_len))
+        if blocker:
+            progress.note(f"ExecuTorch custom ops not used: {blocker}")
+            details["custom_ops_fallback"] = blocker
+            custom_ops = False
+        else:
+            from attention import executorch_sdpa
+
+            model.set_attn_implementation(executorch_sdpa.register())
+    details["attention"] = "executorch_custom_ops" if custom_ops else "export_safe"
+    with progress.stage("capture", f"torch.export for {recipe.name}"):
+        wrapper = BufferCacheDecoder(model, max_seq_len, custom_ops=custom_ops).eval()
+        program = export_buffer_decoder(wrapper, max_seq_len)
+    metadata = runner_metadata(config, max_seq_len, ids.eos, ids.bos, use_sdpa_with_kv_cache=custom_ops)
+    with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"), native_output_captured():
+        data = lower_to_pte(program, metadata, quantized=not recipe.exact)
+        (staging / "model.pte").write_bytes(data)
+    return "model.pte", details
