@@ -52,3 +52,25 @@ def export_io_decoder(wrapper) -> ExportedProgram:
         tuple({0: batch} for _ in past),  # the *past_key_values varargs form one nested entry
     )
     return _export(wrapper, (input_ids, attention_mask, position_ids, *past), dynamic_shapes)
+
+
+def export_concat_decoder(wrapper) -> ExportedProgram:
+    """Export ``ConcatCacheDecoder.forward(input_ids [B,S], attention_mask [B,P+S], position_ids [B,S], *past)``
+    with batch, S, P dynamic (S in [1, max_seq_len], P in [0, max_seq_len - 1]); present is ``[B,KVH,P+S,D]``."""
+    max_len = wrapper.max_seq_len
+    example_len, example_past = min(2, max_len), 3
+    example_batch = 2  # a batch of 1 would be specialised to the constant 1
+    input_ids = torch.zeros(example_batch, example_len, dtype=torch.long)
+    attention_mask = torch.ones(example_batch, example_past + example_len, dtype=torch.long)
+    position_ids = (torch.arange(example_len, dtype=torch.long) + example_past)[None].expand(example_batch, -1)
+    past = wrapper.empty_past(example_batch, example_past)
+    batch = Dim("batch", min=1, max=64)
+    seq = Dim("seq_len", min=1, max=max_len)
+    past_len = Dim("past_len", min=0, max=max_len - 1)
+    dynamic_shapes = (
+        {0: batch, 1: seq},
+        {0: batch, 1: Dim.AUTO},  # = P + S: a sum of two dims is no Dim expression; AUTO lets export relate them
+        {0: batch, 1: seq},
+        tuple({0: batch, 2: past_len} for _ in past),
+    )
+    return _export(wrapper, (input_ids, attention_mask, position_ids.contiguous(), *past), dynamic_shapes)

@@ -32,10 +32,12 @@ GENAI_PROMPTS = ("Once upon a time", "The old clockmaker repaired every clock in
 
 
 def genai_config(config, max_seq_len: int, num_layers: int, kv_heads: int, head_dim: int,
-                 bos_id: int | None, eos_ids: list[int], pad_id: int | None) -> dict:
-    """``genai_config.json`` for ONNX Runtime GenAI: shared-buffer static cache of ``max_seq_len`` slots.
+                 bos_id: int | None, eos_ids: list[int], pad_id: int | None, share_buffer: bool = True) -> dict:
+    """``genai_config.json`` for ONNX Runtime GenAI: shared-buffer static cache of ``max_seq_len`` slots, or with
+    ``share_buffer=False`` the concatenating contract (past ``[B, KVH, P, D]`` in, present ``[B, KVH, P+S, D]`` out).
 
-    ``context_length`` and ``search.max_length`` equal the graph's cache length (see the module notes).
+    ``context_length`` and ``search.max_length`` equal the graph's cache length (see the module notes); for the
+    dynamic cache they are the longest sequence the export was checked for.
     """
     text_config = config.get_text_config()
     eos = eos_ids[0] if len(eos_ids) == 1 else list(eos_ids)
@@ -66,7 +68,7 @@ def genai_config(config, max_seq_len: int, num_layers: int, kv_heads: int, head_
         },
         "search": {
             "do_sample": False, "num_beams": 1, "max_length": max_seq_len, "min_length": 0,
-            "past_present_share_buffer": True, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+            "past_present_share_buffer": share_buffer, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
             "repetition_penalty": 1.0, "early_stopping": True, "length_penalty": 1.0,
             "no_repeat_ngram_size": 0, "num_return_sequences": 1, "diversity_penalty": 0.0,
         },
