@@ -68,11 +68,15 @@ def test_pte_constant_methods(tiny_export):
     assert value("get_bos_id") == config["bos_token_id"]
     assert value("get_eos_ids") == config["eos_token_id"]
     assert value("use_kv_cache") is True and value("enable_dynamic_shape") is True
+    assert value("use_sdpa_with_kv_cache") is True  # xnnpack-fp32 uses llama::custom_sdpa + update_cache
 
 
 def test_pte_prefill_and_decode_match_eager(tiny_export, eager):
     from executorch.runtime import Runtime
 
+    from exporter.runtime import load_executorch_kernels
+
+    load_executorch_kernels()  # the .pte calls llama::custom_sdpa / llama::update_cache (xnnpack-fp32 fast path)
     model, tokenizer = eager
     ids = tokenizer("A small prompt that is not the verifier's")["input_ids"]
     method = Runtime.get().load_program(tiny_export / "model.pte").load_method("forward")
