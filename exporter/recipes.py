@@ -140,9 +140,13 @@ def check(recipe: Recipe, where: str) -> Recipe:
     for value in (recipe.max_abs_diff, recipe.max_rel_diff, recipe.fp32_max_mean_kl):
         if value is not None and value <= 0:
             raise UserError(f"recipe {where}: [verify] thresholds out of range")
-    if recipe.group_size < 0 or recipe.group_size and recipe.group_size % 16:
-        raise UserError(f"recipe {where}: group size must be 0 (per channel) or a positive multiple of 16, "
-                        f"got {recipe.group_size}")
+    if recipe.group_size < 0:
+        raise UserError(f"recipe {where}: group size must be 0 (per channel) or positive, got {recipe.group_size}")
+    if recipe.target == "executorch" and recipe.group_size % 32:
+        raise UserError(f"recipe {where}: XNNPACK needs a group size that is a multiple of 32, got {recipe.group_size}")
+    size = recipe.group_size
+    if recipe.target == "onnx" and size and (size < 16 or size & (size - 1)):
+        raise UserError(f"recipe {where}: MatMulNBits needs a block size that is a power of two >= 16, got {size}")
     if recipe.quantization == "8da8w" and recipe.group_size:
         raise UserError(f"recipe {where}: 8da8w is per channel on XNNPACK (group size 0), got {recipe.group_size}")
     if recipe.quantization == "8da4w" and not recipe.group_size:

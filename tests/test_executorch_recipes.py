@@ -1,0 +1,113 @@
+"""Quantized ExecuTorch recipes from the command line: torchao 8da4w / 8da8w (+ quantized embeddings) on the custom-op
+fast path, group sizes honoured, two-sided verification (matched quantized eager + fp32), TextLLMRunner check."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from exporter import recipes
+from tests.conftest import read_json, run_cli
+
+
+@pytest.fixture(scope="module")
+def q4_export(tmp_path_factory):
+    """tiny-llama with xnnpack-8da4w, 4-bit embedding, group size 64 (not the recipe's 32)."""
+    output = tmp_path_factory.mktemp("q4") / "out"
+    result = run_cli("--model", "builtin:tiny-llama", "--recipe", "xnnpack-8da4w", "--qembedding", "4w",
+                     "--group-size", "64", "--output", output, "--max-seq-len", "48")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+def test_8da4w_two_sided_verification_and_runner(q4_export):
+    report = read_json(q4_export / "verification.json")
+    entry = report["artifacts"]["model.pte"]
+    assert report["passed"] is True and entry["passed"] is True
+    names = [s["stage"] for s in entry["stages"]]
+    tight = [s for s in entry["stages"] if s["stage"].startswith(("prefill[", "decode["))]
+    loose = [s for s in entry["stages"] if s["stage"].startswith("vs fp32 ")]
+    assert tight and len(loose) == len(tight)
+    assert entry["thresholds"] == {"min_top1_agreement": 0.9, "max_rel_diff": 0.1}
+    assert entry["fp32_thresholds"] == {"min_top1_agreement": 0.25, "max_mean_kl": 0.1}
+    # quantization is visible against fp32 (the fp32 side is not comparing the model with itself) ...
+    assert max(s["max_abs_diff"] for s in loose) > 1e-3
+    # ... and the matched side is far tighter than the fp32 side
+    assert max(s["max_abs_diff"] for s in tight) < max(s["max_abs_diff"] for s in loose)
+    assert all(0 <= s["mean_kl"] <= 0.1 for s in loose)
+    assert "text_llm_runner" in names and next(s for s in entry["stages"] if s["stage"] == "text_llm_runner")["passed"]
+
+
+def test_8da4w_manifest_records_what_was_built(q4_export):
+    manifest = read_json(q4_export / "manifest.json")
+    recipe = manifest["recipes"][0]
+    assert recipe["quantization"] == "8da4w" and recipe["group_size"] == 64 and recipe["embedding_quantization"] == "4w"
+    build = manifest["build"]["executorch"]
+    assert build["attention"] == "executorch_custom_ops"
+    quant = build["quantization"]
+    assert quant["group_size"] == 64 and quant["embedding"] == "4w" and quant["quantized_embeddings"] == 1
+    assert quant["quantized_linears"] == 15 and quant["skipped_linears"] == []  # 2 layers x 7 + lm_head
+
+
+def test_matched_reference_catches_a_different_group_size(q4_export, tiny_llama_dir):
+    """The tight side is real: grading the group-64 artifact against an eager model quantized with group 32 fails."""
+    from exporter import checks, loading
+    from exporter.progress import Progress
+
+    manifest = read_json(q4_export / "manifest.json")
+    recipe = dataclasses.replace(recipes.Recipe(**manifest["recipes"][0]), group_size=32)
+    config = loading.read_config(tiny_llama_dir)
+    report = checks.verify_folder(q4_export, {"executorch": "model.pte"}, [recipe], tiny_llama_dir, config, 48,
+                                  Progress(quiet=True))
+    tight = [s for s in report["artifacts"]["model.pte"]["stages"] if s["stage"].startswith(("prefill[", "decode["))]
+    assert report["passed"] is False and not all(s["passed"] for s in tight)
+    # control: the recipe as built (group 64) passes the same check
+    report = checks.verify_folder(q4_export, {"executorch": "model.pte"}, [recipes.Recipe(**manifest["recipes"][0])],
+                                  tiny_llama_dir, config, 48, Progress(quiet=True))
+    assert report["passed"] is True
+
+
+def test_int8_recipe_on_sliding_window_model(tmp_path):
+    """xnnpack-int8 (8da8w per channel) on Mistral (window 8 ring on the custom-op path), decoding past the window."""
+    output = tmp_path / "out"
+    result = run_cli("--model", "builtin:tiny-mistral", "--recipe", "xnnpack-int8", "--output", output,
+                     "--max-seq-len", "48")
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = read_json(output / "verification.json")["artifacts"]["model.pte"]
+    assert entry["passed"] is True
+    decodes = [s for s in entry["stages"] if s["stage"].startswith("decode[")]
+    assert any(int(s["stage"][7:].split("+")[0]) + s["positions"] > 3 * 8 for s in decodes)
+    fp32_side = [s for s in entry["stages"] if s["stage"].startswith("vs fp32 ")]
+    assert fp32_side and min(s["top1_agreement"] for s in fp32_side) >= 0.8
+    build = read_json(output / "manifest.json")["build"]["executorch"]
+    assert build["quantization"]["scheme"] == "8da8w" and build["quantization"]["group_size"] == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--target", "executorch", "--group-size", "32"], "--group-size does not apply"),
+    (["--target", "onnx", "--qembedding", "4w"], "--qembedding does not apply"),
+    (["--recipe", "xnnpack-8da4w", "--group-size", "48"], "multiple of 32"),
+    (["--recipe", "xnnpack-int8", "--group-size", "32"], "per channel"),
+    (["--target", "executorch", "--dtype", "bf16"], "--dtype bfloat16 is not supported for executorch"),
+    (["--target", "executorch", "--onnx-cache", "dynamic"], "--onnx-cache does not apply"),
+])
+def test_bad_numeric_options_are_one_line_errors(tmp_path, args, message):
+    result = run_cli("--model", "builtin:tiny-llama", "--output", tmp_path / "out", *args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_custom_ops_blocker_names_mla_and_foreign_attention():
+    from types import SimpleNamespace
+
+    from exporter.executorch_artifact import custom_ops_blocker
+
+    layer = SimpleNamespace(key_shape=(1, 2, 16, 24), value_shape=(1, 2, 16, 16))
+    model = SimpleNamespace(_supports_attention_backend=True)
+    assert "one head size" in custom_ops_blocker(model, [layer])
+    same = SimpleNamespace(key_shape=(1, 2, 16, 16), value_shape=(1, 2, 16, 16))
+    assert custom_ops_blocker(model, [same]) is None
+    assert "AttentionInterface" in custom_ops_blocker(SimpleNamespace(), [same])
