@@ -256,6 +256,153 @@ def child_export_optimum(job: dict) -> dict:
     return {"phases": {}, "files": [str(out / "model.pte")], "options": kwargs}
 
 
+# ---------------------------------------------------------------------------------------------- child: ONNX
+def child_export_onnx_ours(job: dict) -> dict:
+    """``exporter.onnx_artifact.build_onnx`` for an ONNX recipe into a GenAI folder (no verification), phase timings.
+    ``ort_optimize``: also save onnxruntime's offline-optimized graph (``--onnx-ort-optimize``, see ``docs``)."""
+    import dataclasses
+    import shutil
+
+    import torch  # noqa: F401
+
+    from exporter import loading, recipes
+    from exporter.onnx_artifact import build_onnx
+    from exporter.pipeline import use_export_safe_attention
+    from exporter.progress import Progress
+
+    t0 = time.perf_counter()
+    model_dir, out = Path(job["model_dir"]), Path(job["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    recipe = dataclasses.replace(recipes.load(job["recipe"]), max_seq_len=job["max_seq_len"])
+    config = loading.read_config(model_dir)
+    model = loading.load_model(model_dir, use_export_safe_attention())
+    ids = loading.special_ids(config, model_dir)
+    phases = {"load": time.perf_counter() - t0}
+    _, details = build_onnx(recipe, model, config, job["max_seq_len"], ids, out, Progress(quiet=True))
+    phases["build"] = time.perf_counter() - t0 - phases["load"]
+    return {"phases": phases, "files": sorted(str(p) for p in out.glob("model.onnx*")),
+            "details": {k: v for k, v in details.items() if k != "kept_float_matmuls"}}
+
+
+def child_export_onnx_hf(job: dict) -> dict:
+    """``transformers.exporters`` ``OnnxExporter.export_for_generation`` (dynamic shapes, multi-token decode, the
+    model's default cache), with ``ort_fusions`` = ``job["ort_fusions"]`` (None or "cpu")."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.exporters.configs import OnnxConfig
+    from transformers.exporters.exporter_onnx import OnnxExporter
+
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32).eval()
+    ids = torch.tensor([job["sequence"][:8]])
+    exported = OnnxExporter().export_for_generation(
+        model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        OnnxConfig(dynamic=True, ort_fusions=job.get("ort_fusions")), multi_token_decode=True)
+    out = Path(job["out"])
+    exported.save_pretrained(out)
+    files = sorted(str(p) for p in out.glob("*.onnx*"))
+    return {"phases": {"export_and_save": time.perf_counter() - t0}, "files": files,
+            "components": list(exported.components)}
+
+
+def child_run_onnx_genai(job: dict) -> dict:
+    """Our folder through ONNX Runtime GenAI: prefill = ``append_tokens(prompt)``; decode = one ``append_tokens``
+    per fixed token (teacher-forced: the same work as every other runtime; greedy picks would stop at a random eos).
+    """
+    import numpy as np
+    import onnxruntime_genai as og
+
+    from exporter.genai import GenAIModel
+
+    model = GenAIModel(Path(job["path"]), threads=job["threads"])
+    ids, prompt_len = job["sequence"], job["prompt_len"]
+    prompt = np.asarray([ids[:prompt_len]], dtype=np.int32)
+    steps = [np.asarray([[t]], dtype=np.int32) for t in ids[prompt_len:]]
+
+    def generator():
+        return og.Generator(model.model, model._params(len(ids)))
+
+    def prefill():
+        gen = generator()
+        start = time.perf_counter()
+        gen.append_tokens(prompt)
+        return time.perf_counter() - start
+
+    def decode():
+        gen = generator()
+        gen.append_tokens(prompt)
+        start = time.perf_counter()
+        for step in steps:
+            gen.append_tokens(step)
+        return time.perf_counter() - start
+
+    result = timing_result(prefill, decode, prompt_len, len(steps), job)
+    result["load_s"] = model.load_s
+    return result
+
+
+def child_run_onnx_ort(job: dict) -> dict:
+    """Our ``model.onnx`` through plain onnxruntime (``exporter.runtime.OnnxSession``: numpy feeds, the present
+    tensors fed back as the next past)."""
+    from exporter.runtime import OnnxSession
+
+    session = OnnxSession(Path(job["path"]) / "model.onnx", threads=job["threads"])
+    ids, prompt_len = job["sequence"], job["prompt_len"]
+
+    def prefill():
+        session.reset()
+        start = time.perf_counter()
+        session.step(ids[:prompt_len], 0)
+        return time.perf_counter() - start
+
+    def decode():
+        session.reset()
+        session.step(ids[:prompt_len], 0)
+        start = time.perf_counter()
+        for i in range(prompt_len, len(ids)):
+            session.step([ids[i]], i)
+        return time.perf_counter() - start
+
+    return timing_result(prefill, decode, prompt_len, len(ids) - prompt_len, job)
+
+
+def child_run_onnx_hf(job: dict) -> dict:
+    """``transformers.exporters`` ONNX components through its own runner (IO binding): prefill on the prompt, then
+    decode one token at a time, the cache passed in and returned each call."""
+    import onnxruntime as ort
+    import torch
+    from transformers.exporters import ExportedModel
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = job["threads"]
+    exported = ExportedModel.from_pretrained(job["path"], session_options=options)
+    runners = exported.runners
+    ids, prompt_len = job["sequence"], job["prompt_len"]
+    prompt = torch.tensor([ids[:prompt_len]])
+    names = list(runners)
+
+    def run_prefill():
+        start = time.perf_counter()
+        out = runners["prefill"](input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                 position_ids=torch.arange(prompt_len)[None])
+        return time.perf_counter() - start, out
+
+    def decode():
+        _, out = run_prefill()
+        cache = out.cache
+        start = time.perf_counter()
+        for i in range(prompt_len, len(ids)):
+            out = runners["decode"](input_ids=torch.tensor([[ids[i]]]), position_ids=torch.tensor([[i]]),
+                                    attention_mask=torch.ones(1, i + 1, dtype=torch.long), cache=cache)
+            cache = out.cache
+        return time.perf_counter() - start
+
+    result = timing_result(lambda: run_prefill()[0], decode, prompt_len, len(ids) - prompt_len, job)
+    result["components"] = names
+    return result
+
+
 # ---------------------------------------------------------------------------------------------- child: runtimes
 def child_run_pte(job: dict) -> dict:
     """A ``forward(tokens [1,S], input_pos [S])`` program (ours, optimum's): prefill and decode timings."""
@@ -395,7 +542,9 @@ def accuracy(logits, fp32, quantized_ref) -> dict:
 
 CHILDREN = {"export_ours": child_export_ours, "export_cli": child_export_cli, "export_hf": child_export_hf,
             "export_optimum": child_export_optimum, "run_pte": child_run_pte, "run_hf": child_run_hf,
-            "run_eager": child_run_eager}
+            "run_eager": child_run_eager, "export_onnx_ours": child_export_onnx_ours,
+            "export_onnx_hf": child_export_onnx_hf, "run_onnx_genai": child_run_onnx_genai,
+            "run_onnx_ort": child_run_onnx_ort, "run_onnx_hf": child_run_onnx_hf}
 
 
 def child_main(kind: str, job_path: str) -> None:
@@ -452,6 +601,11 @@ def main(argv=None) -> int:
     parser.add_argument("--optimum-qlinear", default="none,8da4w", help="optimum exports: none = fp32")
     parser.add_argument("--via-cli", action="store_true", help="export ours with the export-model CLI")
     parser.add_argument("--accuracy", action="store_true", help="grade our artifacts vs fp32 / quantized eager")
+    parser.add_argument("--side", choices=("executorch", "onnx", "all"), default="executorch",
+                        help="which artifacts to measure (default: executorch; the eager row runs for every side)")
+    parser.add_argument("--onnx-recipes", default="onnx-fp32,onnx-int4", help="ONNX recipes (--side onnx/all)")
+    parser.add_argument("--onnx-hf-fusions", default="none,cpu",
+                        help="transformers OnnxExporter exports: ort_fusions values, none = unfused")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -482,45 +636,49 @@ def main(argv=None) -> int:
         report["rows"]["eager"] = {"export": None, "run": run_child(
             "run_eager", {**common, "fp32_ref": fp32_ref if args.accuracy else None}, workdir)}
 
-    for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
-        note(f"ours {name}: export")
-        out = str(workdir / f"ours-{name}.pte")
-        job = {**common, "recipe": name, "out": out, "accuracy": args.accuracy, "mean_as_linear": args.mean_as_linear}
-        export = run_child("export_cli" if args.via_cli else "export_ours", job, workdir)
-        row = {"export": export}
-        if "error" not in export:
-            export["size_mib"] = size_mib(export["files"])
-            note(f"ours {name}: run ({export['wall_s']:.0f} s export, {export['size_mib']:.1f} MiB)")
-            row["run"] = run_child("run_pte", {**common, "path": out, "accuracy": args.accuracy, "fp32_ref": fp32_ref,
-                                               "qref": out + ".qref.npy"}, workdir)
-        report["rows"][f"ours {name}"] = row
-
-    if args.optimum_python:
-        for qlinear in [q.strip() for q in args.optimum_qlinear.split(",") if q.strip()]:
-            label = f"optimum {'fp32' if qlinear == 'none' else qlinear}"
-            note(f"{label}: export")
-            out = workdir / f"optimum-{qlinear}"
-            export = run_child("export_optimum", {**common, "out": str(out),
-                                                  "qlinear": None if qlinear == "none" else qlinear},
-                               workdir, python=args.optimum_python)
+    if args.side in ("executorch", "all"):
+        for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
+            note(f"ours {name}: export")
+            out = str(workdir / f"ours-{name}.pte")
+            job = {**common, "recipe": name, "out": out, "accuracy": args.accuracy, "mean_as_linear": args.mean_as_linear}
+            export = run_child("export_cli" if args.via_cli else "export_ours", job, workdir)
             row = {"export": export}
             if "error" not in export:
                 export["size_mib"] = size_mib(export["files"])
-                row["run"] = run_child("run_pte", {**common, "path": export["files"][0]}, workdir)
-            report["rows"][label] = row
-    else:
-        report["rows"]["optimum"] = {"skipped": "no --optimum-python: optimum-executorch 1.1.0 requires "
-                                                "transformers==5.0.0rc1 (pinned: 5.24.0); see the docstring"}
+                note(f"ours {name}: run ({export['wall_s']:.0f} s export, {export['size_mib']:.1f} MiB)")
+                row["run"] = run_child("run_pte", {**common, "path": out, "accuracy": args.accuracy, "fp32_ref": fp32_ref,
+                                                   "qref": out + ".qref.npy"}, workdir)
+            report["rows"][f"ours {name}"] = row
 
-    if not args.skip_hf:
-        note("transformers.exporters: export (slow)")
-        export = run_child("export_hf", {**common, "out": str(workdir / "hf-exporters")}, workdir)
-        row = {"export": export}
-        if "error" not in export:
-            export["size_mib"] = size_mib(export["files"])
-            note(f"transformers.exporters: run ({export['wall_s']:.0f} s export)")
-            row["run"] = run_child("run_hf", {**common, "path": str(workdir / "hf-exporters")}, workdir)
-        report["rows"]["transformers.exporters"] = row
+        if args.optimum_python:
+            for qlinear in [q.strip() for q in args.optimum_qlinear.split(",") if q.strip()]:
+                label = f"optimum {'fp32' if qlinear == 'none' else qlinear}"
+                note(f"{label}: export")
+                out = workdir / f"optimum-{qlinear}"
+                export = run_child("export_optimum", {**common, "out": str(out),
+                                                      "qlinear": None if qlinear == "none" else qlinear},
+                                   workdir, python=args.optimum_python)
+                row = {"export": export}
+                if "error" not in export:
+                    export["size_mib"] = size_mib(export["files"])
+                    row["run"] = run_child("run_pte", {**common, "path": export["files"][0]}, workdir)
+                report["rows"][label] = row
+        else:
+            report["rows"]["optimum"] = {"skipped": "no --optimum-python: optimum-executorch 1.1.0 requires "
+                                                    "transformers==5.0.0rc1 (pinned: 5.24.0); see the docstring"}
+
+        if not args.skip_hf:
+            note("transformers.exporters: export (slow)")
+            export = run_child("export_hf", {**common, "out": str(workdir / "hf-exporters")}, workdir)
+            row = {"export": export}
+            if "error" not in export:
+                export["size_mib"] = size_mib(export["files"])
+                note(f"transformers.exporters: run ({export['wall_s']:.0f} s export)")
+                row["run"] = run_child("run_hf", {**common, "path": str(workdir / "hf-exporters")}, workdir)
+            report["rows"]["transformers.exporters"] = row
+
+    if args.side in ("onnx", "all"):
+        onnx_side(args, common, workdir, report, note)
 
     report["ratios"] = ratios(report["rows"])
     print_table(report)
@@ -528,6 +686,37 @@ def main(argv=None) -> int:
     json_path.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nJSON: {json_path}")
     return 0
+
+
+def onnx_side(args, common: dict, workdir: Path, report: dict, note) -> None:
+    """Our ONNX folders (export, then ORT GenAI and plain onnxruntime) and transformers' OnnxExporter exports
+    (through its own runner), one process each."""
+    rows = report["rows"]
+    for name in [r.strip() for r in args.onnx_recipes.split(",") if r.strip()]:
+        note(f"ours {name}: export")
+        out = workdir / f"ours-{name}"
+        export = run_child("export_onnx_ours", {**common, "recipe": name, "out": str(out)}, workdir)
+        rows[f"ours {name} (genai)"] = {"export": export}
+        if "error" in export:
+            continue
+        export["size_mib"] = size_mib(export["files"])
+        note(f"ours {name}: run ({export['wall_s']:.0f} s export, {export['size_mib']:.1f} MiB)")
+        rows[f"ours {name} (genai)"]["run"] = run_child("run_onnx_genai", {**common, "path": str(out)}, workdir)
+        rows[f"ours {name} (onnxruntime)"] = {"export": None, "run": run_child("run_onnx_ort", {**common,
+                                                                                              "path": str(out)}, workdir)}
+    if args.skip_hf:
+        return
+    for fusions in [f.strip() for f in args.onnx_hf_fusions.split(",") if f.strip()]:
+        label = "transformers onnx" + ("" if fusions == "none" else f" ort_fusions={fusions}")
+        note(f"{label}: export")
+        out = workdir / f"hf-onnx-{fusions}"
+        export = run_child("export_onnx_hf", {**common, "out": str(out),
+                                               "ort_fusions": None if fusions == "none" else fusions}, workdir)
+        rows[label] = {"export": export}
+        if "error" not in export:
+            export["size_mib"] = size_mib(export["files"])
+            note(f"{label}: run ({export['wall_s']:.0f} s export, {export['size_mib']:.1f} MiB)")
+            rows[label]["run"] = run_child("run_onnx_hf", {**common, "path": str(out)}, workdir)
 
 
 def _get(rows, name, *keys):
@@ -553,6 +742,21 @@ def ratios(rows: dict) -> dict:
             _get(rows, "ours xnnpack-8da4w", "run", "decode_tok_s"), _get(rows, "optimum 8da4w", "run", "decode_tok_s")),
         "export time fp32 ours / transformers.exporters (target <= 0.25)": ratio(
             _get(rows, "ours xnnpack-fp32", "export", "wall_s"), _get(rows, hf, "export", "wall_s")),
+        "ONNX decode fp32 ours (genai) / transformers onnx ort_fusions=cpu (target >= 1.2)": ratio(
+            _get(rows, "ours onnx-fp32 (genai)", "run", "decode_tok_s"),
+            _get(rows, "transformers onnx ort_fusions=cpu", "run", "decode_tok_s")),
+        "ONNX decode fp32 ours (onnxruntime) / transformers onnx ort_fusions=cpu": ratio(
+            _get(rows, "ours onnx-fp32 (onnxruntime)", "run", "decode_tok_s"),
+            _get(rows, "transformers onnx ort_fusions=cpu", "run", "decode_tok_s")),
+        "ONNX decode fp32 ours (genai) / transformers onnx unfused": ratio(
+            _get(rows, "ours onnx-fp32 (genai)", "run", "decode_tok_s"),
+            _get(rows, "transformers onnx", "run", "decode_tok_s")),
+        "ONNX decode int4 / fp32, ours genai (target >= 2)": ratio(
+            _get(rows, "ours onnx-int4 (genai)", "run", "decode_tok_s"),
+            _get(rows, "ours onnx-fp32 (genai)", "run", "decode_tok_s")),
+        "ONNX export time fp32 ours / transformers onnx ort_fusions=cpu": ratio(
+            _get(rows, "ours onnx-fp32 (genai)", "export", "wall_s"),
+            _get(rows, "transformers onnx ort_fusions=cpu", "export", "wall_s")),
         "decode fp32 ours / eager": ratio(
             _get(rows, "ours xnnpack-fp32", "run", "decode_tok_s"), _get(rows, "eager", "run", "decode_tok_s")),
     }
