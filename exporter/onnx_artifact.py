@@ -29,6 +29,11 @@ def build_onnx(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging
 
     name = "model.onnx"
     details: dict = {"kv_cache": recipe.kv_cache, "dtype": recipe.dtype, "quantization": recipe.quantization}
+    if recipe.dtype == "float16" and recipe.quantization != "none":
+        # measured on tiny-llama: float16 MatMulNBits rounds differently from any reference we can build (matched
+        # top-1 0.875, max rel diff 2.5e-2), so the export could not be verified tightly
+        raise ValueError(f"{recipe.quantization} weights with float16 activations are not supported for ONNX; "
+                         "use float32 (the default) with int4/int8")
     if recipe.dtype == "float16":
         model.half()
     elif recipe.dtype != "float32":
