@@ -23,12 +23,15 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export_onnx(program: ExportedProgram, num_layers: int, max_seq_len: int, path: Path) -> None:
-    """Write ``path`` (+ ``path.data`` external weights) from the captured ``IOCacheDecoder`` program."""
+def export_onnx(program: ExportedProgram, num_layers: int, max_seq_len: int, path: Path,
+                translation_table: dict | None = None) -> None:
+    """Write ``path`` (+ ``path.data`` external weights) from the captured ``IOCacheDecoder`` program (or its
+    GroupQueryAttention sibling, whose custom op ``translation_table`` maps to the contrib op)."""
     input_names, output_names = io_names(num_layers)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         onnx_program = torch.onnx.export(program, dynamo=True, input_names=input_names, output_names=output_names,
-                                         optimize=True, verbose=False)
+                                         optimize=True, verbose=False,
+                                         custom_translation_table=translation_table)
         onnx_program.model.metadata_props["max_seq_len"] = str(max_seq_len)
         onnx_program.save(str(path), external_data=True)

@@ -3,6 +3,12 @@ quantization (int4 / int8, ``exporter.onnx_quantize``) -> ``genai_config.json``.
 
 Cache contracts (``recipe.kv_cache``): ``static`` (shared buffer of ``max_seq_len`` slots, ``IOCacheDecoder``) or
 ``dynamic`` (concatenating past/present, ``ConcatCacheDecoder``).
+
+Attention ``onnxruntime_contrib_ops`` (static cache only): ORT's ``com.microsoft`` GroupQueryAttention through
+``attention.ort_gqa`` and ``GQACacheDecoder`` (same graph I/O). Layers it cannot express (chunked, keys and values of
+different head sizes, non-causal) keep the export_safe path; models whose class does not route attention through
+``AttentionInterface`` use export_safe throughout. ``details["attention"]`` says which path was taken,
+``details["gqa_fallback"]`` which layers fell back and why.
 """
 
 from __future__ import annotations
@@ -39,12 +45,23 @@ def build_onnx(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging
     elif recipe.dtype != "float32":
         raise ValueError(f"ONNX export supports float32 and float16, not {recipe.dtype}")
     dynamic = recipe.kv_cache == "dynamic"
-    wrapper = (ConcatCacheDecoder if dynamic else IOCacheDecoder)(model, max_seq_len).eval()
-    with progress.stage("capture", f"torch.export for {recipe.name} ({recipe.kv_cache} cache)"):
-        program = (export_concat_decoder if dynamic else export_io_decoder)(wrapper)
-    with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
-        export_onnx(program, wrapper.num_layers, max_seq_len, staging / name)
-        del program
+    previous_attention = model.config._attn_implementation
+    wrapper, table = None, None
+    if recipe.attention == "onnxruntime_contrib_ops":
+        wrapper, table = _gqa_wrapper(model, max_seq_len, dynamic, details, progress)
+    else:
+        details["attention"] = "export_safe"
+    if wrapper is None:
+        wrapper = (ConcatCacheDecoder if dynamic else IOCacheDecoder)(model, max_seq_len).eval()
+    try:
+        with progress.stage("capture", f"torch.export for {recipe.name} ({recipe.kv_cache} cache)"):
+            program = (export_concat_decoder if dynamic else export_io_decoder)(wrapper)
+        with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
+            export_onnx(program, wrapper.num_layers, max_seq_len, staging / name, translation_table=table)
+            del program
+    finally:  # an exact recipe shares the model with the other recipes of this export
+        if model.config._attn_implementation != previous_attention:
+            model.set_attn_implementation(previous_attention)
     if recipe.quantization != "none":
         from exporter.onnx_quantize import BITS, quantize_onnx
 
@@ -58,3 +75,27 @@ def build_onnx(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging
                          share_buffer=not dynamic)
     (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
     return name, details
+
+
+def _gqa_wrapper(model, max_seq_len: int, dynamic: bool, details: dict, progress: Progress):
+    """``(GQACacheDecoder, translation table)`` with the model switched to ``attention.ort_gqa``, or
+    ``(None, None)`` when no layer can take GroupQueryAttention (export_safe then; ``details`` say why)."""
+    from exporter.wrappers import GQACacheDecoder
+
+    if dynamic:
+        raise ValueError("attention onnxruntime_contrib_ops needs the static (shared-buffer) cache, not dynamic")
+    from attention import ort_gqa
+
+    model.set_attn_implementation(ort_gqa.register())
+    wrapper = GQACacheDecoder(model, max_seq_len).eval()
+    if wrapper.fallback:
+        reasons = sorted(set(wrapper.fallback.values()))
+        details["gqa_fallback"] = {str(i): reason for i, reason in wrapper.fallback.items()}
+        progress.note(f"GroupQueryAttention not used on {len(wrapper.fallback)}/{wrapper.num_layers} layers: "
+                      f"{'; '.join(reasons)}")
+    if not wrapper.gqa_layers:
+        details["attention"] = "export_safe"
+        return None, None
+    details["attention"] = "onnxruntime_contrib_ops"
+    details["gqa_layers"] = wrapper.gqa_layers
+    return wrapper, ort_gqa.translation_table()

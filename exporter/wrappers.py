@@ -150,3 +150,109 @@ class ConcatCacheDecoder(nn.Module):
         """Past tensors ``[k0, v0, k1, v1, ...]`` of ``past_len`` zero entries (0: a fresh sequence)."""
         return [torch.zeros(batch_size, shape[1], past_len, shape[3], dtype=layer.dtype)
                 for layer in self.plan for shape in (layer.key_shape, layer.value_shape)]
+
+
+# --- com.microsoft GroupQueryAttention (ONNX Runtime contrib op) fast path ----------------------------------------
+from transformers.cache_utils import get_layer_types_and_kwargs  # noqa: E402
+
+GQA_LAYER_TYPES = ("full_attention", "sliding_attention")  # what GroupQueryAttention's causal/local window expresses
+
+
+class GQAKVLayer(PositionedKVLayer):
+    """A full-length shared-buffer layer whose write happens inside GroupQueryAttention: ``update`` returns this
+    step's new ``[B, KVH, S, D]`` states unchanged and ``attention.ort_gqa`` replaces ``keys``/``values`` with the
+    op's present."""
+
+    def __init__(self, keys, values, owner, sliding: bool, window_size: int | None):
+        super().__init__(keys, values, owner, sliding=sliding)
+        self.window_size = window_size  # transformers' sliding_window (keys incl. the query's own), None = full
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+
+class GQACache(PositionedCache):
+    """``PositionedCache`` (functional writes at positions) whose planned layers are ``GQAKVLayer``s; carries the
+    op's ``seqlens_k [B]`` int32 and ``total_sequence_length`` int32 scalar, derived from the attention mask."""
+
+    def __init__(self, keys, values, plan, windows: list[int | None | bool], seqlens_k, total_sequence_length):
+        super().__init__(keys, values, plan, functional=True)
+        for i, window in enumerate(windows):
+            if window is not False:
+                layer = self.layers[i]
+                self.layers[i] = GQAKVLayer(layer.keys, layer.values, self, layer.is_sliding, window)
+        self.seqlens_k = seqlens_k
+        self.total_sequence_length = total_sequence_length
+
+    def gqa_layer(self, layer_idx: int) -> GQAKVLayer | None:
+        layer = self.layers[layer_idx]
+        return layer if isinstance(layer, GQAKVLayer) else None
+
+
+def gqa_routes(model, plan) -> tuple[list[int | None | bool], dict[int, str]]:
+    """Per layer: the sliding window GroupQueryAttention applies (None = full causal), or False when the layer keeps
+    the ``export_safe`` path; and why, per fallback layer. Decided statically from the config, cache shapes and
+    modules."""
+    text_config = model.config.get_text_config()
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    non_causal = {getattr(m, "layer_idx", None) for m in model.modules()
+                  if getattr(m, "is_causal", True) is False and getattr(m, "layer_idx", None) is not None}
+    routes, reasons = [], {}
+    for i, (layer, layer_type, kwargs) in enumerate(zip(plan, layer_types, layer_kwargs)):
+        if not getattr(model, "_supports_attention_backend", False):
+            reason = f"{type(model).__name__} does not route attention through AttentionInterface"
+        elif layer_type not in GQA_LAYER_TYPES:
+            reason = f"{layer_type} has no GroupQueryAttention form"
+        elif layer.key_shape[1::2] != layer.value_shape[1::2]:
+            reason = "keys and values differ in shape"
+        elif i in non_causal:
+            reason = "not causal"
+        else:
+            reason = None
+        if reason:
+            reasons[i] = reason
+            routes.append(False)
+        else:
+            routes.append(kwargs.get("sliding_window") if layer_type == "sliding_attention" else None)
+    return routes, reasons
+
+
+class GQACacheDecoder(nn.Module):
+    """``IOCacheDecoder``'s interface and graph I/O, with the cache write and attention of every layer that
+    GroupQueryAttention can express done by ``attention.ort_gqa`` (ORT's shared-buffer layout: past/present
+    ``[B, KVH, max_seq_len, D]``, ``seqlens_k`` = mask row sum - 1, ``total_sequence_length`` = mask width). The
+    model must use ``attention.ort_gqa``'s implementation; other layers (``fallback``) keep the export_safe path.
+
+    For unpadded rows the op writes at slots ``T-S .. T-1`` like ``IOCacheDecoder``; a right-padded row of a batch
+    writes at its own length (``seqlens_k``), which is what ORT GenAI's batches expect.
+    """
+
+    def __init__(self, model, max_seq_len: int):
+        super().__init__()
+        self.model = model
+        self.max_seq_len = max_seq_len
+        self.plan = cache_plan(model, 1, max_seq_len, rings=False)
+        self.num_layers = len(self.plan)
+        self.routes, self.fallback = gqa_routes(model, self.plan)
+
+    @property
+    def gqa_layers(self) -> int:
+        return sum(route is not False for route in self.routes)
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_key_values):
+        from attention.ort_gqa import CACHE_KWARG
+
+        seq_len, total_len = input_ids.shape[1], attention_mask.shape[1]
+        seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)
+        total = torch.ops.aten.scalar_tensor(total_len, dtype=torch.int32)
+        cache = GQACache(list(past_key_values[0::2]), list(past_key_values[1::2]), self.plan, self.routes,
+                         seqlens_k, total)
+        cache.set_positions(torch.arange(seq_len, device=input_ids.device) + (total_len - seq_len))
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                         use_cache=True, **{CACHE_KWARG: cache})
+        return (out.logits, *cache.key_value_tensors())
+
+    def empty_past(self, batch_size: int = 1) -> list[torch.Tensor]:
+        """Zero past tensors ``[k0, v0, k1, v1, ...]`` for a fresh sequence."""
+        keys, values = empty_cache_tensors(self.plan)
+        return [t.expand(batch_size, *t.shape[1:]).contiguous() for pair in zip(keys, values) for t in pair]
