@@ -603,7 +603,8 @@ def main(argv=None) -> int:
     parser.add_argument("--accuracy", action="store_true", help="grade our artifacts vs fp32 / quantized eager")
     parser.add_argument("--side", choices=("executorch", "onnx", "all"), default="executorch",
                         help="which artifacts to measure (default: executorch; the eager row runs for every side)")
-    parser.add_argument("--onnx-recipes", default="onnx-fp32,onnx-int4", help="ONNX recipes (--side onnx/all)")
+    parser.add_argument("--onnx-recipes", default="onnx-fp32,onnx-fp32-gqa,onnx-int4,onnx-int4-gqa",
+                        help="ONNX recipes (--side onnx/all); with --skip-hf only these rows (and eager) run")
     parser.add_argument("--onnx-hf-fusions", default="none,cpu",
                         help="transformers OnnxExporter exports: ort_fusions values, none = unfused")
     parser.add_argument("--workdir", type=Path)
@@ -754,6 +755,18 @@ def ratios(rows: dict) -> dict:
         "ONNX decode int4 / fp32, ours genai (target >= 2)": ratio(
             _get(rows, "ours onnx-int4 (genai)", "run", "decode_tok_s"),
             _get(rows, "ours onnx-fp32 (genai)", "run", "decode_tok_s")),
+        "ONNX decode fp32 GroupQueryAttention / export_safe, ours genai": ratio(
+            _get(rows, "ours onnx-fp32-gqa (genai)", "run", "decode_tok_s"),
+            _get(rows, "ours onnx-fp32 (genai)", "run", "decode_tok_s")),
+        "ONNX decode fp32 GroupQueryAttention / export_safe, ours onnxruntime": ratio(
+            _get(rows, "ours onnx-fp32-gqa (onnxruntime)", "run", "decode_tok_s"),
+            _get(rows, "ours onnx-fp32 (onnxruntime)", "run", "decode_tok_s")),
+        "ONNX decode int4 GroupQueryAttention / export_safe, ours genai": ratio(
+            _get(rows, "ours onnx-int4-gqa (genai)", "run", "decode_tok_s"),
+            _get(rows, "ours onnx-int4 (genai)", "run", "decode_tok_s")),
+        "ONNX decode fp32-gqa ours (genai) / transformers onnx ort_fusions=cpu (target >= 1.2)": ratio(
+            _get(rows, "ours onnx-fp32-gqa (genai)", "run", "decode_tok_s"),
+            _get(rows, "transformers onnx ort_fusions=cpu", "run", "decode_tok_s")),
         "ONNX export time fp32 ours / transformers onnx ort_fusions=cpu": ratio(
             _get(rows, "ours onnx-fp32 (genai)", "export", "wall_s"),
             _get(rows, "transformers onnx ort_fusions=cpu", "export", "wall_s")),
