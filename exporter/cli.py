@@ -52,7 +52,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--qembedding", choices=("4w", "8w"),
                         help="also quantize the token embedding table, weight-only int4 / int8 (ExecuTorch recipes)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
-                        help="weight and activation dtype (default: recipe; ONNX supports fp32 and fp16)")
+                        help="weight, activation and cache dtype; fp16 takes the xnnpack-fp16 / onnx-fp16 "
+                             "verification thresholds (bf16: XNNPACK has no bf16 kernels)")
     parser.add_argument("--onnx-cache", choices=("static", "dynamic"),
                         help="ONNX KV cache contract: static shared buffer (default) or dynamic concatenation")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder once verified")

@@ -39,7 +39,11 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
     from exporter.wrappers import BufferCacheDecoder
 
     details = {}
-    if not recipe.exact:
+    if recipe.dtype == "float16":
+        import torch
+
+        model.to(torch.float16)  # weights, activations and the KV cache (the cache takes the model's dtype)
+    if recipe.quantization != "none" or recipe.embedding_quantization != "none":
         from exporter.quantize import quantize_model
 
         with progress.stage("quantize", f"torchao {recipe.quantization} (group {recipe.group_size}), "
@@ -64,6 +68,7 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
         program = export_buffer_decoder(wrapper, max_seq_len)
     metadata = runner_metadata(config, max_seq_len, ids.eos, ids.bos, use_sdpa_with_kv_cache=custom_ops)
     with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"), native_output_captured():
-        data = lower_to_pte(program, metadata, quantized=not recipe.exact)
+        data = lower_to_pte(program, metadata, quantized=recipe.quantization != "none"
+                            or recipe.embedding_quantization != "none")
         (staging / "model.pte").write_bytes(data)
     return "model.pte", details

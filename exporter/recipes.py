@@ -22,13 +22,16 @@ RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 TARGETS = ("executorch", "onnx")
 DEFAULT_RECIPES = {"executorch": "xnnpack-fp32", "onnx": "onnx-fp32"}
 BACKENDS = {"executorch": ("xnnpack",), "onnx": ("onnxruntime",)}
-DTYPES = {"executorch": ("float32",), "onnx": ("float32", "float16")}
+DTYPES = {"executorch": ("float32", "float16"), "onnx": ("float32", "float16")}  # XNNPACK: no bf16 kernels
 QUANTIZATIONS = {"executorch": ("none", "8da4w", "8da8w"), "onnx": ("none", "int4", "int8")}
 EMBEDDING_QUANTIZATIONS = {"executorch": ("none", "4w", "8w"), "onnx": ("none",)}
 ATTENTIONS = {"executorch": ("export_safe", "executorch_custom_ops"), "onnx": ("export_safe", "onnxruntime_contrib_ops")}
 KV_CACHES = {"executorch": ("static",), "onnx": ("static", "dynamic")}
 # Group size 0 = one scale per output channel. Default per scheme when a recipe or flag does not say.
 DEFAULT_GROUP_SIZE = {"none": 0, "8da4w": 32, "8da8w": 0, "int4": 32, "int8": 32}
+# The shipped unquantized recipe per target and dtype (``--dtype`` switches to its verification thresholds).
+DTYPE_RECIPES = {"executorch": {"float32": "xnnpack-fp32", "float16": "xnnpack-fp16"},
+                 "onnx": {"float32": "onnx-fp32", "float16": "onnx-fp16"}}
 DTYPE_ALIASES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                  "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
@@ -153,6 +156,9 @@ def check(recipe: Recipe, where: str) -> Recipe:
         raise UserError(f"recipe {where}: 8da4w needs a group size (XNNPACK int4 weights are blockwise)")
     if recipe.quantization == "int4" and not recipe.group_size:
         raise UserError(f"recipe {where}: int4 needs a block size (MatMulNBits is blockwise)")
+    if recipe.dtype != "float32" and (recipe.quantization != "none" or recipe.embedding_quantization != "none"):
+        raise UserError(f"recipe {where}: quantized weights with {recipe.dtype} activations are not supported "
+                        "(no matched reference reproduces the kernels' rounding); use float32 with quantization")
     if not recipe.exact and (recipe.fp32_min_top1_agreement is None or recipe.fp32_max_mean_kl is None):
         raise UserError(f"recipe {where}: a quantized or reduced-precision recipe needs [verify.fp32] "
                         "min_top1_agreement and max_mean_kl")
@@ -177,11 +183,18 @@ def with_overrides(recipe: Recipe, group_size: int | None = None, embedding: str
         if dtype not in DTYPES[recipe.target]:
             raise UserError(f"--dtype {dtype} is not supported for {recipe.target} "
                             f"(supported: {', '.join(DTYPES[recipe.target])})")
+        if dtype != recipe.dtype and recipe.quantization == "none" and recipe.embedding_quantization == "none":
+            # a precision change brings that precision's verification thresholds: take the shipped recipe for it
+            sibling = load(DTYPE_RECIPES[recipe.target][dtype])
+            recipe = dataclasses.replace(sibling, max_seq_len=recipe.max_seq_len, kv_cache=recipe.kv_cache,
+                                         attention=recipe.attention)
         changes["dtype"] = dtype
     if kv_cache is not None:
         if kv_cache not in KV_CACHES[recipe.target]:
             raise UserError(f"--onnx-cache applies to the onnx target, not {recipe.target}")
         changes["kv_cache"] = kv_cache
     if not changes:
+        return recipe
+    if "dtype" in changes and changes["dtype"] == recipe.dtype and len(changes) == 1:
         return recipe
     return check(dataclasses.replace(recipe, **changes), f"{recipe.name} (with command-line options)")

@@ -86,6 +86,20 @@ def test_int8_recipe_on_sliding_window_model(tmp_path):
     assert build["quantization"]["scheme"] == "8da8w" and build["quantization"]["group_size"] == 0
 
 
+def test_fp16_recipe_graded_against_fp16_and_fp32_eager(tmp_path):
+    """--dtype fp16 on the default ExecuTorch recipe: half weights/activations/cache on XNNPACK + custom ops."""
+    output = tmp_path / "out"
+    result = run_cli("--model", "builtin:tiny-llama", "--target", "executorch", "--dtype", "fp16", "--output", output,
+                     "--max-seq-len", "48")
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = read_json(output / "verification.json")["artifacts"]["model.pte"]
+    assert entry["passed"] is True and entry["thresholds"]["max_rel_diff"] == 5e-3
+    tight = [s for s in entry["stages"] if s["stage"].startswith(("prefill[", "decode[")) and s["positions"] > 1]
+    # float16 is visible (not an fp32 program) but close
+    assert max(s["max_abs_diff"] for s in tight) > 1e-4 and all(s["max_rel_diff"] <= 5e-3 for s in tight)
+    assert read_json(output / "manifest.json")["recipes"][0]["dtype"] == "float16"
+
+
 @pytest.mark.parametrize("args,message", [
     (["--target", "executorch", "--group-size", "32"], "--group-size does not apply"),
     (["--target", "onnx", "--qembedding", "4w"], "--qembedding does not apply"),
@@ -93,6 +107,7 @@ def test_int8_recipe_on_sliding_window_model(tmp_path):
     (["--recipe", "xnnpack-int8", "--group-size", "32"], "per channel"),
     (["--target", "executorch", "--dtype", "bf16"], "--dtype bfloat16 is not supported for executorch"),
     (["--target", "executorch", "--onnx-cache", "dynamic"], "--onnx-cache does not apply"),
+    (["--recipe", "xnnpack-8da4w", "--dtype", "fp16"], "quantized weights with float16 activations are not supported"),
 ])
 def test_bad_numeric_options_are_one_line_errors(tmp_path, args, message):
     result = run_cli("--model", "builtin:tiny-llama", "--output", tmp_path / "out", *args)
