@@ -26,6 +26,36 @@ def custom_ops_blocker(model, plan) -> str | None:
     return None
 
 
+def _probe_custom_ops(model, max_seq_len: int) -> str | None:
+    """Run the custom-op wrapper eagerly on a short prompt and one decode step and compare with the model's own
+    forward (no cache): catches model code that reads the cache itself instead of going through
+    ``AttentionInterface`` (e.g. DiffLlama's differential attention), which the static checks cannot see."""
+    import torch
+
+    from attention import executorch_sdpa
+    from exporter.wrappers import BufferCacheDecoder
+
+    vocab = model.config.get_text_config().vocab_size
+    ids = (torch.arange(7) * 7 + 3) % vocab
+    length = min(6, max_seq_len - 1)
+    with torch.no_grad():
+        expected = model(input_ids=ids[None, :length + 1], use_cache=False).logits[0].float()
+        previous = model.config._attn_implementation
+        model.set_attn_implementation(executorch_sdpa.register())
+        try:
+            wrapper = BufferCacheDecoder(model, max_seq_len, custom_ops=True).eval()
+            prefill = wrapper(ids[None, :length], torch.arange(length))[0]
+            step = wrapper(ids[None, length:length + 1], torch.tensor([length]))[0]
+        finally:
+            model.set_attn_implementation(previous)
+    got = torch.cat([prefill, step]).float()
+    diff = float((got - expected).abs().max())
+    scale = float(expected.abs().max()) or 1.0
+    if not diff <= 1e-3 * max(1.0, scale):  # also catches NaN
+        return f"the custom-op attention disagrees with the model's own forward on a probe (max abs diff {diff:.3g})"
+    return None
+
+
 def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging: Path,
                      progress: Progress) -> tuple[str, dict]:
     """Write ``model.pte`` into ``staging``; returns the file name and build details for the manifest.
@@ -52,8 +82,9 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
                                      None if recipe.embedding_quantization == "none" else recipe.embedding_quantization)
         details["quantization"] = summary.as_dict()
     custom_ops = recipe.attention == "executorch_custom_ops"
+    previous_attention = model.config._attn_implementation
     if custom_ops:
-        blocker = custom_ops_blocker(model, cache_plan(model, 1, max_seq_len))
+        blocker = custom_ops_blocker(model, cache_plan(model, 1, max_seq_len)) or _probe_custom_ops(model, max_seq_len)
         if blocker:
             progress.note(f"ExecuTorch custom ops not used: {blocker}")
             details["custom_ops_fallback"] = blocker
@@ -63,9 +94,12 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
 
             model.set_attn_implementation(executorch_sdpa.register())
     details["attention"] = "executorch_custom_ops" if custom_ops else "export_safe"
-    with progress.stage("capture", f"torch.export for {recipe.name}"):
-        wrapper = BufferCacheDecoder(model, max_seq_len, custom_ops=custom_ops).eval()
-        program = export_buffer_decoder(wrapper, max_seq_len)
+    try:
+        with progress.stage("capture", f"torch.export for {recipe.name}"):
+            wrapper = BufferCacheDecoder(model, max_seq_len, custom_ops=custom_ops).eval()
+            program = export_buffer_decoder(wrapper, max_seq_len)
+    finally:
+        model.set_attn_implementation(previous_attention)  # the model may be shared with the next recipe
     metadata = runner_metadata(config, max_seq_len, ids.eos, ids.bos, use_sdpa_with_kv_cache=custom_ops)
     with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"), native_output_captured():
         data = lower_to_pte(program, metadata, quantized=recipe.quantization != "none"

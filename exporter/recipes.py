@@ -159,6 +159,8 @@ def check(recipe: Recipe, where: str) -> Recipe:
     if recipe.dtype != "float32" and (recipe.quantization != "none" or recipe.embedding_quantization != "none"):
         raise UserError(f"recipe {where}: quantized weights with {recipe.dtype} activations are not supported "
                         "(no matched reference reproduces the kernels' rounding); use float32 with quantization")
+    if recipe.attention == "onnxruntime_contrib_ops" and recipe.kv_cache != "static":
+        raise UserError(f"recipe {where}: onnxruntime_contrib_ops needs the static (shared-buffer) KV cache")
     if not recipe.exact and (recipe.fp32_min_top1_agreement is None or recipe.fp32_max_mean_kl is None):
         raise UserError(f"recipe {where}: a quantized or reduced-precision recipe needs [verify.fp32] "
                         "min_top1_agreement and max_mean_kl")

@@ -128,3 +128,24 @@ def test_custom_ops_blocker_names_mla_and_foreign_attention():
     same = SimpleNamespace(key_shape=(1, 2, 16, 16), value_shape=(1, 2, 16, 16))
     assert custom_ops_blocker(model, [same]) is None
     assert "AttentionInterface" in custom_ops_blocker(SimpleNamespace(), [same])
+
+
+def test_probe_sends_models_that_bypass_attention_interface_to_the_generic_path(tiny_llama_dir):
+    """DiffLlama reads the cache in its own differential attention: the eager probe must refuse the custom ops for it
+    (the static check cannot see it: the class claims AttentionInterface support), and accept tiny-llama."""
+    import torch
+    from transformers import DiffLlamaConfig, DiffLlamaForCausalLM
+
+    from exporter import loading
+    from exporter.executorch_artifact import _probe_custom_ops
+    from exporter.pipeline import use_export_safe_attention
+
+    torch.manual_seed(0)
+    config = DiffLlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config._attn_implementation = use_export_safe_attention()
+    diff_llama = DiffLlamaForCausalLM(config).eval()
+    reason = _probe_custom_ops(diff_llama, 32)
+    assert reason is not None and "disagrees" in reason
+    assert diff_llama.config._attn_implementation == "export_safe"  # restored
+    assert _probe_custom_ops(loading.load_model(tiny_llama_dir, use_export_safe_attention()), 32) is None
