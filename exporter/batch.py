@@ -1,7 +1,8 @@
 """``export-model batch FILE.toml --output DIR``: several exports in one run, each in its own folder.
 
 The file holds ``[[export]]`` tables with ``model`` and ``target`` (required) and optional ``recipe`` (a name, or
-a list of names), ``max_seq_len`` and ``name`` (the sub-folder, default derived from the model). Entries run one
+a list of names), ``max_seq_len``, ``name`` (the sub-folder, default derived from the model) and the numeric
+options of ``export-model``: ``group_size``, ``qembedding``, ``dtype``, ``onnx_cache``. Entries run one
 after the other; a failed entry does not stop the others. ``summary.json`` and a table report every entry.
 """
 
@@ -15,10 +16,11 @@ import time
 import tomllib
 from pathlib import Path
 
-from exporter.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, fail, select_recipes
+from exporter.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, apply_overrides, fail, select_recipes
 from exporter.errors import ExportFailed, UserError
 
-ENTRY_KEYS = {"model", "target", "recipe", "max_seq_len", "name"}
+OPTION_KEYS = ("group_size", "qembedding", "dtype", "onnx_cache")  # same meaning as the command-line flags
+ENTRY_KEYS = {"model", "target", "recipe", "max_seq_len", "name", *OPTION_KEYS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +54,10 @@ def read_entries(path: Path) -> list[dict]:
         recipes = entry.get("recipe", [])
         entry["recipe"] = [recipes] if isinstance(recipes, str) else list(recipes)
         entry["recipes"] = select_recipes(entry["target"], entry["recipe"])  # validates names and targets
+        try:
+            entry["recipes"] = apply_overrides(entry["recipes"], *(entry.get(key) for key in OPTION_KEYS))
+        except UserError as exc:
+            raise UserError(f"{where}: {exc}") from None
         if "max_seq_len" in entry and (not isinstance(entry["max_seq_len"], int) or entry["max_seq_len"] < 4):
             raise UserError(f"{where}: max_seq_len must be an integer >= 4")
         entry["name"] = entry.get("name") or default_name(entry)

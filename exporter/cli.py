@@ -95,6 +95,9 @@ def apply_overrides(chosen: list, group_size=None, qembedding=None, dtype=None, 
     for flag, (value, applies, change) in wanted.items():
         if value is None:
             continue
+        kind = int if flag == "--group-size" else str
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise UserError(f"{flag} must be {'an integer' if kind is int else 'a string'}, got {value!r}")
         targets = [i for i, r in enumerate(result) if applies(r)]
         if not targets:
             names = ", ".join(r.name for r in result)

@@ -87,6 +87,24 @@ def test_example_batch_file_is_valid():
 
     entries = read_entries(Path(__file__).resolve().parent.parent / "recipes" / "batch-example.toml")
     assert len(entries) >= 2
+    quantized = next(e for e in entries if e["name"] == "tiny-llama-8da4w-g64")
+    recipe = quantized["recipes"][0]
+    assert (recipe.quantization, recipe.group_size, recipe.embedding_quantization) == ("8da4w", 64, "4w")
+
+
+@pytest.mark.parametrize("line,message", [
+    ('group_size = "32"', "--group-size must be an integer"),
+    ("group_size = 32", "--group-size does not apply"),  # the default fp32 recipe has no weight quantization
+    ('qembedding = "4w"\ntarget_is = 1', "unknown keys target_is"),
+])
+def test_batch_options_are_validated_before_anything_runs(tmp_path, line, message):
+    from exporter.batch import read_entries
+    from exporter.errors import UserError
+
+    batch = tmp_path / "jobs.toml"
+    batch.write_text(f'[[export]]\nmodel = "builtin:tiny-llama"\ntarget = "executorch"\n{line}\n')
+    with pytest.raises(UserError, match=message):
+        read_entries(batch)
 
 
 def test_same_export_twice_gives_identical_bytes(tmp_path, tiny_export):
