@@ -11,38 +11,63 @@ from contextlib import contextmanager
 import torch
 
 
-def _llama4_rotary_forward(self, x, position_ids):
-    """Llama 4 rotary embedding as a real tensor ``[..., D/2, 2]`` of (cos, sin) instead of complex ``freqs_cis``."""
+def _real_rotary_forward(self, x, position_ids):
+    """A complex rotary embedding (``torch.polar(1, freqs) * scaling``) as a real tensor ``[..., D/2, 2]`` of
+    (cos, sin) * scaling (Llama 4, DeepSeek-V2)."""
     freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
     return torch.stack([torch.cos(freqs), torch.sin(freqs)], dim=-1) * self.attention_scaling
 
 
+def _rotate_pairs(x, cos, sin):
+    """The complex product of ``x``'s (even, odd) pairs with ``cos + i sin``, in real arithmetic."""
+    pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(3).type_as(x)
+
+
 def _llama4_apply_rotary_emb(xq, xk, freqs_cis):
-    """The complex product ``x * freqs_cis`` over (even, odd) pairs, written with real arithmetic."""
+    """Llama 4: ``x [B, S, H, D]``, ``freqs_cis [B, S, D/2]`` broadcast over heads (dim 2)."""
     cos, sin = freqs_cis[:, :, None, :, 0], freqs_cis[:, :, None, :, 1]
+    return _rotate_pairs(xq, cos, sin), _rotate_pairs(xk, cos, sin)
 
-    def rotate(x):
-        pairs = x.float().reshape(*x.shape[:-1], -1, 2)
-        real, imag = pairs[..., 0], pairs[..., 1]
-        rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-        return rotated.flatten(3).type_as(x)
 
-    return rotate(xq), rotate(xk)
+def _deepseek_v2_apply_rotary_emb(xq, xk, freqs_cis):
+    """DeepSeek-V2: ``x [B, H, S, D]``, ``freqs_cis [B, S, D/2]`` broadcast over heads (dim 1)."""
+    cos, sin = freqs_cis[:, None, :, :, 0], freqs_cis[:, None, :, :, 1]
+    return _rotate_pairs(xq, cos, sin), _rotate_pairs(xk, cos, sin)
+
+
+def _complex_rope_patch(module_path: str, rotary_class: str, apply_rotary):
+    """(object, attribute, replacement) triples replacing a family's complex rotary embedding."""
+    import importlib
+
+    module = importlib.import_module(module_path)
+    return [(getattr(module, rotary_class), "forward", _real_rotary_forward),
+            (module, "apply_rotary_emb", apply_rotary)]
+
+
+# complex tensors (torch.polar, view_as_complex) exist in neither ExecuTorch's kernels nor ONNX
+PATCHES = {
+    "llama4_text": lambda: _complex_rope_patch("transformers.models.llama4.modeling_llama4",
+                                               "Llama4TextRotaryEmbedding", _llama4_apply_rotary_emb),
+    "deepseek_v2": lambda: _complex_rope_patch("transformers.models.deepseek_v2.modeling_deepseek_v2",
+                                               "DeepseekV2RotaryEmbedding", _deepseek_v2_apply_rotary_emb),
+}
 
 
 @contextmanager
 def export_patches(model_type: str):
     """Apply the capture-time rewrites for ``model_type`` (none for most families)."""
-    if model_type != "llama4_text":
+    if model_type not in PATCHES:
         yield
         return
-    from transformers.models.llama4 import modeling_llama4 as llama4
-
-    saved = llama4.Llama4TextRotaryEmbedding.forward, llama4.apply_rotary_emb
-    # complex tensors (torch.polar, view_as_complex) exist in neither ExecuTorch's kernels nor ONNX
-    llama4.Llama4TextRotaryEmbedding.forward = _llama4_rotary_forward
-    llama4.apply_rotary_emb = _llama4_apply_rotary_emb
+    patches = PATCHES[model_type]()
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
     try:
         yield
     finally:
-        llama4.Llama4TextRotaryEmbedding.forward, llama4.apply_rotary_emb = saved
+        for owner, name, original in saved:
+            setattr(owner, name, original)
