@@ -18,6 +18,7 @@ where the cache is a graph input/output).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -64,9 +65,18 @@ class PositionedKVLayer(CacheLayerMixin):
             self.values.index_copy_(2, slots, value_states)
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Write ``[B, KVH, S, D]`` states at the current positions; return the whole cache."""
+        """Write ``[B, KVH, S, D]`` states at the current positions; return the whole cache.
+
+        A value cache wider than the values (``pad_values_to_key_dim``: multi-head latent attention in a runtime
+        that wants one head size) holds them zero-padded; the returned view is sliced back to their width.
+        """
+        value_dim = value_states.shape[-1]
+        if value_dim == self.values.shape[-1]:
+            self._write(self.owner.positions, key_states, value_states)
+            return self.keys, self.values
+        value_states = torch.nn.functional.pad(value_states, (0, self.values.shape[-1] - value_dim))
         self._write(self.owner.positions, key_states, value_states)
-        return self.keys, self.values
+        return self.keys, self.values[..., :value_dim]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """The mask spans every slot; slot ``i`` holds position ``i``."""
@@ -165,6 +175,18 @@ def cache_plan(model, batch_size: int, max_len: int, rings: bool = True) -> list
         plan.append(LayerPlan((batch_size, k[1], length, k[3]), (batch_size, v[1], length, v[3]),
                               layer.keys.dtype, ring, sliding))
     return plan
+
+
+def pad_values_to_key_dim(plan: list[LayerPlan]) -> list[LayerPlan]:
+    """``plan`` with every value cache as wide as its key cache where values are narrower (multi-head latent
+    attention: DeepSeek-V2/V3, GLM-4 MoE Lite...). ONNX Runtime GenAI allocates past/present with one head size."""
+    padded = []
+    for layer in plan:
+        (b, kvh, length, dk), (vb, vh, vlen, dv) = layer.key_shape, layer.value_shape
+        if dv < dk and vh == kvh:
+            layer = dataclasses.replace(layer, value_shape=(vb, vh, vlen, dk))
+        padded.append(layer)
+    return padded
 
 
 def empty_cache_tensors(plan: list[LayerPlan]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.cache import PositionedCache, cache_plan, empty_cache_tensors
+from exporter.cache import PositionedCache, cache_plan, empty_cache_tensors, pad_values_to_key_dim
 
 
 class BufferCacheDecoder(nn.Module):
@@ -68,15 +68,16 @@ class BufferCacheDecoder(nn.Module):
 class IOCacheDecoder(nn.Module):
     """Decoder whose static cache is passed in and returned (functional writes).
 
-    Every layer's cache is full length, windowed layers included (their window is applied by the mask): ONNX
-    Runtime GenAI allocates one shared buffer shape for all layers.
+    Every layer's cache is full length, windowed layers included (their window is applied by the mask), and value
+    caches are as wide as key caches (zero-padded for multi-head latent attention): ONNX Runtime GenAI allocates one
+    shared buffer shape for all layers.
     """
 
     def __init__(self, model, max_seq_len: int):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
-        self.plan = cache_plan(model, 1, max_seq_len, rings=False)
+        self.plan = pad_values_to_key_dim(cache_plan(model, 1, max_seq_len, rings=False))
         self.num_layers = len(self.plan)
 
     def forward(self, input_ids, attention_mask, position_ids, *past_key_values):
