@@ -35,13 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# recipe name -> (linear scheme, group size, embedding scheme)
-RECIPES = {
-    "xnnpack-fp32": ("none", None, None),
-    "xnnpack-8da4w": ("8da4w", 32, None),
-    "xnnpack-int8": ("8da8w", 0, None),
-    "xnnpack-8da4w-q4emb": ("8da4w", 32, "4w"),
-}
+# our ExecuTorch recipes (recipes/*.toml; "-q4emb": with --qembedding 4w)
+RECIPES = ("xnnpack-fp32", "xnnpack-fp16", "xnnpack-8da4w", "xnnpack-int8", "xnnpack-8da4w-q4emb")
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                     rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
@@ -101,116 +96,49 @@ def median_timings(run, warmup: int, repeats: int) -> list[float]:
 
 
 # ---------------------------------------------------------------------------------------------- child: exports
+def bench_recipe(name: str, max_seq_len: int):
+    """The shipped recipe ``name`` (``xnnpack-8da4w-q4emb`` = xnnpack-8da4w with ``--qembedding 4w``)."""
+    import dataclasses
+
+    from exporter import recipes
+
+    base, embedding = (name[:-len("-q4emb")], "4w") if name.endswith("-q4emb") else (name, None)
+    recipe = recipes.with_overrides(recipes.load(base), embedding=embedding)
+    return dataclasses.replace(recipe, max_seq_len=max_seq_len)
+
+
 def child_export_ours(job: dict) -> dict:
-    """Load -> quantize -> wrap (custom-op cache) -> torch.export -> XNNPACK lower -> write. Phase timings."""
+    """``exporter.executorch_artifact.build_executorch`` (quantize -> wrap -> capture -> lower), exactly what
+    ``export-model`` runs before verification; phase timings from its progress stages."""
+    import shutil
+
     import numpy as np
     import torch
-    from torch.export import Dim
 
-    from attention import executorch_sdpa
-    from exporter.wrappers import BufferCacheDecoder
     from exporter import loading
-    from exporter.quantize import quantize_model
+    from exporter.executorch_artifact import build_executorch
+    from exporter.pipeline import use_export_safe_attention
+    from exporter.progress import Progress
 
-    phases, t0 = {}, time.perf_counter()
+    t0 = time.perf_counter()
     model_dir, max_len = Path(job["model_dir"]), job["max_seq_len"]
-    model = loading.load_model(model_dir, executorch_sdpa.register(), dtype=getattr(torch, job.get("dtype", "float32")))
-    phases["load"] = time.perf_counter() - t0
-    scheme, group, emb = RECIPES[job["recipe"]]
-    summary = quantize_model(model, scheme, group, emb)
-    phases["quantize"] = time.perf_counter() - t0 - sum(phases.values())
-    wrapper = BufferCacheDecoder(model, max_len, custom_ops=True).eval()
-    if job.get("accuracy"):  # the quantized eager reference, same weights as the artifact
-        ids = job["sequence"]
+    config = loading.read_config(model_dir)
+    model = loading.load_model(model_dir, use_export_safe_attention())
+    phases = {"load": time.perf_counter() - t0}
+    staging = Path(job["out"] + ".d")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    progress = Progress(quiet=True)
+    name, details = build_executorch(bench_recipe(job["recipe"], max_len), model, config, max_len,
+                                     loading.special_ids(config, model_dir), staging, progress)
+    phases.update({stage: seconds for stage, _, seconds in progress.timings})
+    os.replace(staging / name, job["out"])
+    shutil.rmtree(staging, ignore_errors=True)
+    if job.get("accuracy"):  # the matched (quantized) eager reference: the model as it was captured, no cache
         with torch.no_grad():
-            rows = [wrapper(torch.tensor([ids[:job["prompt_len"]]]), torch.arange(job["prompt_len"]))[0]]
-            for i in range(job["prompt_len"], len(ids)):
-                rows.append(wrapper(torch.tensor([[ids[i]]]), torch.tensor([i]))[0])
-        np.save(job["out"] + ".qref.npy", torch.cat(rows).float().numpy())
-        wrapper.reset_cache()
-    seq = Dim("seq_len", min=1, max=max_len)
-    with torch.no_grad():
-        program = torch.export.export(wrapper, (torch.zeros(1, 2, dtype=torch.long), torch.arange(2)),
-                                      dynamic_shapes={"tokens": {1: seq}, "input_pos": {0: seq}}, strict=False)
-    wrapper.reset_cache()
-    phases["capture"] = time.perf_counter() - t0 - sum(phases.values())
-    data = lower(program, metadata(model.config, max_len), mean_as_linear=job.get("mean_as_linear", False))
-    Path(job["out"]).write_bytes(data)
-    phases["lower"] = time.perf_counter() - t0 - sum(phases.values())
-    return {"phases": phases, "quantization": summary.as_dict(), "files": [job["out"]]}
-
-
-def metadata(config, max_len: int) -> dict:
-    from exporter.lower_executorch import runner_metadata
-
-    eos = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
-    meta = runner_metadata(config, max_len, [e for e in eos if e is not None], config.bos_token_id)
-    meta["use_sdpa_with_kv_cache"] = True
-    return meta
-
-
-def means_as_linear(program):
-    """Rewrite ``aten.mean.dim(x, [-1], keepdim=True)`` (RMSNorm's variance) as ``aten.linear(x, [1/H] * H)``.
-
-    XNNPACK's partitioner takes ``mean`` only over the last two dims of a 4D tensor, so every RMSNorm otherwise
-    splits the graph into another delegate (about 5 per layer instead of 2: lowering time grows with the number of
-    delegates, and each boundary costs a delegate call at runtime). As a linear with a constant row, it is delegated.
-    """
-    import torch
-    from executorch.backends.transforms.utils import create_constant_placeholder
-    from torch.export.graph_signature import InputKind
-
-    graph = program.graph_module.graph
-    first_input = next(n for n in graph.nodes if n.op == "placeholder")
-    count = 0
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target != torch.ops.aten.mean.dim:
-            continue
-        x = node.args[0]
-        val = x.meta.get("val")
-        dims = node.args[1] if len(node.args) > 1 else None
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if val is None or not val.is_floating_point() or not keepdim or dims is None or len(dims) != 1:
-            continue
-        if dims[0] not in (-1, val.dim() - 1) or not isinstance(val.shape[-1], int):
-            continue
-        width = val.shape[-1]
-        with graph.inserting_before(first_input):
-            row = create_constant_placeholder(program, graph, f"_mean_row_{width}_{str(val.dtype)[6:]}",
-                                              InputKind.PARAMETER, torch.full((1, width), 1.0 / width,
-                                                                                   dtype=val.dtype))
-        with graph.inserting_before(node):
-            linear = graph.call_function(torch.ops.aten.linear.default, (x, row))
-        linear.meta = dict(node.meta)
-        node.replace_all_uses_with(linear)
-        graph.erase_node(node)
-        count += 1
-    program.graph_module.recompile()
-    return count
-
-
-def lower(program, constant_methods: dict, mean_as_linear: bool = False) -> bytes:
-    """``exporter.lower_executorch.lower_to_pte`` plus ``do_quant_fusion_and_const_prop`` (quantized embeddings ->
-    ``quantized_decomposed::embedding_{4bit,byte}``); the proposed change to that function."""
-    import warnings
-
-    import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
-    from executorch.exir.passes import MemoryPlanningPass
-    from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
-
-    if mean_as_linear:
-        means_as_linear(program)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()],
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                           constant_methods=constant_methods)
-        return edge.to_executorch(ExecutorchBackendConfig(
-            extract_delegate_segments=True, do_quant_fusion_and_const_prop=True,
-            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass())).buffer
+            logits = model(input_ids=torch.tensor([job["sequence"]])).logits[0]
+        np.save(job["out"] + ".qref.npy", logits.float().numpy())
+    return {"phases": phases, "details": details, "files": [job["out"]]}
 
 
 def child_export_cli(job: dict) -> dict:
@@ -595,8 +523,6 @@ def main(argv=None) -> int:
                              "spin against other work: eager decode measured 30x slower)")
     parser.add_argument("--skip-hf", action="store_true", help="skip transformers.exporters (its export is slow)")
     parser.add_argument("--skip-eager", action="store_true", help="skip the eager PyTorch row")
-    parser.add_argument("--mean-as-linear", action="store_true",
-                        help="ours: rewrite RMSNorm's last-dim mean as a linear so XNNPACK keeps it (see means_as_linear)")
     parser.add_argument("--optimum-python", help="python of a venv with optimum-executorch (see the docstring)")
     parser.add_argument("--optimum-qlinear", default="none,8da4w", help="optimum exports: none = fp32")
     parser.add_argument("--via-cli", action="store_true", help="export ours with the export-model CLI")
@@ -641,7 +567,7 @@ def main(argv=None) -> int:
         for name in [r.strip() for r in args.recipes.split(",") if r.strip()]:
             note(f"ours {name}: export")
             out = str(workdir / f"ours-{name}.pte")
-            job = {**common, "recipe": name, "out": out, "accuracy": args.accuracy, "mean_as_linear": args.mean_as_linear}
+            job = {**common, "recipe": name, "out": out, "accuracy": args.accuracy}
             export = run_child("export_cli" if args.via_cli else "export_ours", job, workdir)
             row = {"export": export}
             if "error" not in export:
