@@ -661,8 +661,8 @@ def write_markdown(results: dict, universe: list[str]) -> None:
             versions[key] = versions.get(key, 0) + 1
     if versions:
         lines.append("- project-source fingerprints of the exported results (sha256 of exporter/, masks/, attention/, "
-                     "recipes/ when the model ran; the tree was being edited by other work during the run, so "
-                     "results made with different fingerprints are not strictly comparable): "
+                     f"recipes/ when the model ran; the current sources are `{code_fingerprint()}`; results made "
+                     "with other fingerprints came from earlier sources and are not strictly comparable): "
                      + ", ".join(f"`{k}` {n}" for k, n in sorted(versions.items(), key=lambda kv: -kv[1])))
     lines += ["", "Statuses: `verified` (export and every verification stage passed), `failed verification` "
               "(worst stage and its max abs diff, or the stage's error), `export failed` (first line of the error), "
