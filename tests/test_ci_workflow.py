@@ -118,8 +118,11 @@ def test_same_export_twice_gives_identical_bytes(tmp_path, tiny_export):
 
 
 def start_export(output, *extra):
+    # SIGINT back to its default first: a test run started in the background (``cmd &``, as CI scripts do) inherits
+    # SIGINT ignored, and Python then never installs its KeyboardInterrupt handler; a user's Ctrl-C is never ignored.
     return subprocess.Popen([sys.executable, "-m", "exporter.cli", "--model", "builtin:tiny-llama", "--target",
-                             "all", "--output", str(output), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "all", "--output", str(output), *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_staging(output, process, timeout=120):
