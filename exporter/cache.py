@@ -12,6 +12,8 @@ Layer kinds:
   this forward, followed by this forward's keys; every key carries its absolute position for the mask, computed
   arithmetically from the first position (memory stays bounded, generation continues past the window).
 
+- dynamic (ONNX ``--onnx-cache dynamic``): ``ConcatKVLayer`` appends this step's states to the past it was given.
+
 Write modes: in place (``index_copy_`` on registered buffers, ExecuTorch) or functional (``index_copy``, ONNX,
 where the cache is a graph input/output).
 """
@@ -147,6 +149,30 @@ class PositionedCache(Cache):
     def key_value_tensors(self) -> list[torch.Tensor]:
         """Flat ``[k0, v0, k1, v1, ...]`` as currently held (the updated tensors in functional mode)."""
         return [t for layer in self.layers for t in (layer.keys, layer.values)]
+
+
+class ConcatKVLayer(PositionedKVLayer):
+    """A growing cache: ``update`` appends this step's ``[B, KVH, S, D]`` states to the past (slot ``i`` holds
+    position ``i``); windows are applied by the mask alone."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=2)
+        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=2)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Keys after this step's append: the ``P`` past positions then the ``S`` new ones."""
+        return self.keys.shape[2] + query_length, 0
+
+
+class ConcatCache(PositionedCache):
+    """``PositionedCache`` whose layers concatenate (``ConcatKVLayer``) instead of writing at positions."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], plan):
+        Cache.__init__(self, layers=[ConcatKVLayer(k, v, self, sliding=layer.sliding)
+                                     for k, v, layer in zip(keys, values, plan)])
+        self.functional = True
+        self.positions = None
 
 
 def cache_plan(model, batch_size: int, max_len: int, rings: bool = True) -> list[LayerPlan]:

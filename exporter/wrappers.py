@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.cache_utils import get_layer_types_and_kwargs
 
-from exporter.cache import PositionedCache, cache_plan, empty_cache_tensors, pad_values_to_key_dim
+from exporter.cache import (ConcatCache, PositionedCache, PositionedKVLayer, cache_plan, empty_cache_tensors,
+                            pad_values_to_key_dim)
 
 
 class BufferCacheDecoder(nn.Module):
@@ -95,36 +97,6 @@ class IOCacheDecoder(nn.Module):
         return [t.expand(batch_size, *t.shape[1:]).contiguous() for pair in zip(keys, values) for t in pair]
 
 
-# --- dynamic (concatenating) cache for ONNX Runtime GenAI's past_present_share_buffer: false ---------------------
-from transformers.cache_utils import Cache  # noqa: E402
-
-from exporter.cache import PositionedKVLayer  # noqa: E402
-
-
-class ConcatKVLayer(PositionedKVLayer):
-    """A growing cache: ``update`` appends this step's ``[B, KVH, S, D]`` states to the past (slot ``i`` holds
-    position ``i``); windows are applied by the mask alone."""
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        self.keys = torch.cat([self.keys, key_states.to(self.keys.dtype)], dim=2)
-        self.values = torch.cat([self.values, value_states.to(self.values.dtype)], dim=2)
-        return self.keys, self.values
-
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """Keys after this step's append: the ``P`` past positions then the ``S`` new ones."""
-        return self.keys.shape[2] + query_length, 0
-
-
-class ConcatCache(PositionedCache):
-    """``PositionedCache`` whose layers concatenate (``ConcatKVLayer``) instead of writing at positions."""
-
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], plan):
-        Cache.__init__(self, layers=[ConcatKVLayer(k, v, self, sliding=layer.sliding)
-                                     for k, v, layer in zip(keys, values, plan)])
-        self.functional = True
-        self.positions = None
-
-
 class ConcatCacheDecoder(nn.Module):
     """Decoder with the dynamic (concatenating) cache contract of ONNX Runtime GenAI
     (``past_present_share_buffer: false``): ``forward(input_ids [B,S], attention_mask [B,P+S], position_ids [B,S],
@@ -154,8 +126,6 @@ class ConcatCacheDecoder(nn.Module):
 
 
 # --- com.microsoft GroupQueryAttention (ONNX Runtime contrib op) fast path ----------------------------------------
-from transformers.cache_utils import get_layer_types_and_kwargs  # noqa: E402
-
 GQA_LAYER_TYPES = ("full_attention", "sliding_attention")  # what GroupQueryAttention's causal/local window expresses
 
 
