@@ -4,6 +4,9 @@ quantization (int4 / int8, ``exporter.onnx_quantize``) -> ``genai_config.json``.
 Cache contracts (``recipe.kv_cache``): ``static`` (shared buffer of ``max_seq_len`` slots, ``IOCacheDecoder``) or
 ``dynamic`` (concatenating past/present, ``ConcatCacheDecoder``).
 
+Fusions ``recipe.ort_fusions`` (``"cpu"``): after lowering and quantization, ``exporter.onnx_fusions`` rewrites
+the graph into onnxruntime's fused ops (skip RMSNorm, rotary, packed projections); verification checks the result.
+
 Attention ``onnxruntime_contrib_ops`` (static cache only): ORT's ``com.microsoft`` GroupQueryAttention through
 ``attention.ort_gqa`` and ``GQACacheDecoder`` (same graph I/O). Layers it cannot express (chunked, keys and values of
 different head sizes, non-causal) keep the export_safe path; models whose class does not route attention through
@@ -69,12 +72,28 @@ def build_onnx(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging
             raise ValueError(f"unknown ONNX quantization {recipe.quantization!r}")
         with progress.stage("quantize", f"MatMulNBits {recipe.quantization}, block size {recipe.group_size}"):
             details.update(quantize_onnx(model, staging / name, BITS[recipe.quantization], recipe.group_size))
+    if recipe.ort_fusions != "none":
+        _fuse(staging / name, recipe.ort_fusions, details, progress)
     past = wrapper.empty_past()
     kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
     genai = genai_config(config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, ids.bos, ids.eos, ids.pad,
                          share_buffer=not dynamic)
     (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
     return name, details
+
+
+def _fuse(path: Path, provider: str, details: dict, progress: Progress) -> None:
+    """Fuse ``path`` in place for ``provider`` (``exporter.onnx_fusions``). A fusion pass that raises leaves the
+    unfused graph, which is then verified and shipped; ``details["ort_fusions"]`` says so with the error."""
+    from exporter.onnx_fusions import fuse_onnx_file
+
+    with progress.stage("fuse", f"onnxruntime fusions for {provider}"):
+        try:
+            details.update(fuse_onnx_file(path, provider))
+        except Exception as exc:  # noqa: BLE001 - any failure inside the rewriter keeps the unfused graph
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            details["ort_fusions"] = f"not applied ({message})"
+            progress.note(f"onnxruntime fusions not applied, the unfused graph is kept: {message}")
 
 
 def _gqa_wrapper(model, max_seq_len: int, dynamic: bool, details: dict, progress: Progress):

@@ -1,7 +1,7 @@
 """Named export recipes: TOML files in ``recipes/``, validated into ``Recipe`` objects.
 
 A recipe says where an artifact runs (target, backend), with which numerics (dtype, weight quantization, group
-size, embedding quantization, attention kernel, ONNX cache contract) and how it is verified:
+size, embedding quantization, attention kernel, ONNX cache contract, ONNX graph fusions) and how it is verified:
 - ``[verify]``: against the *matched* eager reference (fp32 eager for unquantized fp32 recipes; the eager model
   quantized / cast the same way for the others): ``max_abs_diff`` and/or ``max_rel_diff`` (max abs diff over the
   largest reference logit) and ``min_top1_agreement``, teacher-forced.
@@ -27,6 +27,8 @@ QUANTIZATIONS = {"executorch": ("none", "8da4w", "8da8w"), "onnx": ("none", "int
 EMBEDDING_QUANTIZATIONS = {"executorch": ("none", "4w", "8w"), "onnx": ("none",)}
 ATTENTIONS = {"executorch": ("export_safe", "executorch_custom_ops"), "onnx": ("export_safe", "onnxruntime_contrib_ops")}
 KV_CACHES = {"executorch": ("static",), "onnx": ("static", "dynamic")}
+# Graph fusions into onnxruntime's own ops for one of its providers (transformers' ``fuse_for_onnxruntime``).
+ORT_FUSIONS = {"executorch": ("none",), "onnx": ("none", "cpu")}
 # Group size 0 = one scale per output channel. Default per scheme when a recipe or flag does not say.
 DEFAULT_GROUP_SIZE = {"none": 0, "8da4w": 32, "8da8w": 0, "int4": 32, "int8": 32}
 # The shipped unquantized recipe per target and dtype (``--dtype`` switches to its verification thresholds).
@@ -53,6 +55,7 @@ class Recipe:
     embedding_quantization: str = "none"
     attention: str = "export_safe"
     kv_cache: str = "static"
+    ort_fusions: str = "none"
     fp32_min_top1_agreement: float | None = None
     fp32_max_mean_kl: float | None = None
 
@@ -122,6 +125,7 @@ def _validate(data: dict, where: str) -> Recipe:
         embedding_quantization=choice("embedding_quantization", EMBEDDING_QUANTIZATIONS[target], default="none"),
         attention=choice("attention", ATTENTIONS[target], default="export_safe"),
         kv_cache=choice("kv_cache", KV_CACHES[target], default="static"),
+        ort_fusions=choice("ort_fusions", ORT_FUSIONS[target], default="none"),
         max_abs_diff=field("max_abs_diff", float, verify, default=None),
         max_rel_diff=field("max_rel_diff", float, verify, default=None),
         min_top1_agreement=field("min_top1_agreement", float, verify),

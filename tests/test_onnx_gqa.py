@@ -116,6 +116,9 @@ def check_verified(folder: Path, layers: int) -> list:
     assert "skipped" not in genai and genai["actual"] == genai["expected"] and len(genai["actual"][0]) > 0
     build = read_json(folder / "manifest.json")["build"]["onnx"]
     assert build["attention"] == "onnxruntime_contrib_ops" and build["gqa_layers"] == layers
+    # the recipe's onnxruntime fusions ran (a failing fusion pass would say "not applied (...)")
+    assert build["ort_fusions"] == "cpu" and build["nodes"] < build["nodes_before_fusion"], build
+    assert build["contrib_ops"]["SkipSimplifiedLayerNormalization"] >= layers, build
     nodes, model = gqa_nodes(folder)
     assert len(nodes) == layers and all(n.domain == "com.microsoft" for n in nodes)
     # the graph I/O is onnx-fp32's: input_ids, attention_mask, position_ids, past [B, KVH, max_seq_len, D]
@@ -127,8 +130,13 @@ def check_verified(folder: Path, layers: int) -> list:
 
 
 def test_tiny_llama_gqa_verifies(tmp_path_factory):
-    attrs = check_verified(export(tmp_path_factory, "builtin:tiny-llama"), layers=2)
+    folder = export(tmp_path_factory, "builtin:tiny-llama")
+    attrs = check_verified(folder, layers=2)
     assert all(a["local_window_size"] == -1 and a["do_rotary"] == 0 and "softcap" not in a for a in attrs)
+    # q/k/v and gate/up packed: 4 MatMuls per layer (q/k/v, o, gate/up, down) + the lm_head; rotary its own op
+    _, model = gqa_nodes(folder)
+    assert sum(n.op_type == "MatMul" for n in model.graph.node) == 4 * 2 + 1
+    assert sum(n.op_type == "RotaryEmbedding" for n in model.graph.node) == 2 * 2
 
 
 def test_tiny_mistral_sliding_window_gqa_verifies(tmp_path_factory):

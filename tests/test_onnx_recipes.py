@@ -70,6 +70,19 @@ def test_int4_has_matmulnbits_and_passes_both_sides(int4_export):
     assert read_json(int4_export / "genai_config.json")["search"]["past_present_share_buffer"] is True
 
 
+def test_int4_gqa_fused_passes_both_sides(tmp_path_factory):
+    """onnx-int4-gqa: MatMulNBits, GroupQueryAttention and onnxruntime's fusions compose; both sides verified."""
+    folder = export(tmp_path_factory, "builtin:tiny-llama", "--recipe", "onnx-int4-gqa")
+    check_verified(folder, two_sided=True)
+    ops = {}
+    for node in graph(folder).graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    assert ops["MatMulNBits"] == 15 and ops["GroupQueryAttention"] == 2
+    assert ops["SkipSimplifiedLayerNormalization"] >= 2 and ops["RotaryEmbedding"] == 4
+    build = read_json(folder / "manifest.json")["build"]["onnx"]
+    assert build["ort_fusions"] == "cpu" and build["matmulnbits"] == 15
+
+
 def _corrupt_one_scale(folder: Path, target: Path) -> None:
     """A copy of ``folder`` whose first MatMulNBits has one block scale multiplied by 3."""
     import onnx

@@ -1,0 +1,46 @@
+"""Fuse an exported ONNX decoder into onnxruntime's own ops (recipe ``ort_fusions = "cpu"``).
+
+The rewrite is transformers' own ``fuse_for_onnxruntime`` (``transformers.exporters.onnxruntime_fusions``, built on
+onnxscript's ORT fusions), the pass behind ``OnnxConfig(ort_fusions=...)``: RMSNorm + residual add ->
+``SkipSimplifiedLayerNormalization``, rotary -> ``RotaryEmbedding``, sibling MatMuls reading one input (q/k/v, gate/up)
+-> one packed MatMul and a Split, the lm_head transpose -> ``FusedMatMul``. Each rewrite computes what it replaces;
+the verification that follows the build compares the fused graph with the eager model like any other artifact.
+
+It runs after weight quantization: the MatMulNBits pass matches each MatMul to its ``nn.Linear`` by weight value,
+which a packed q/k/v weight no longer is (quantized MatMuls are not packed; norms and rotary still fuse).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+
+def fuse_onnx_file(path: Path, provider: str) -> dict:
+    """Rewrite ``path`` (+ ``path.data``) in place with ``fuse_for_onnxruntime(model, provider)``.
+
+    Returns build details: node counts before/after and how many nodes of each onnxruntime-only op the graph now
+    has. The file is replaced only after the fused graph was written completely.
+    """
+    import onnx_ir as ir
+    from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
+
+    path = Path(path)
+    model = ir.load(str(path))
+    nodes_before = sum(1 for _ in model.graph.all_nodes())
+    fuse_for_onnxruntime(model, provider)
+    ops = Counter(n.op_type for n in model.graph.all_nodes() if n.domain == "com.microsoft")
+    nodes_after = sum(1 for _ in model.graph.all_nodes())
+    fused_dir = path.parent / ".fused"
+    fused_dir.mkdir(exist_ok=True)
+    try:
+        ir.save(model, str(fused_dir / path.name), external_data=path.name + ".data")
+        del model
+        for name in (path.name, path.name + ".data"):
+            os.replace(fused_dir / name, path.parent / name)
+    finally:
+        shutil.rmtree(fused_dir, ignore_errors=True)
+    return {"ort_fusions": provider, "nodes_before_fusion": nodes_before, "nodes": nodes_after,
+            "contrib_ops": dict(sorted(ops.items()))}
