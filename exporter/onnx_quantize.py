@@ -79,6 +79,7 @@ def quantize_onnx(model: nn.Module, path: Path, bits: int, block_size: int,
     graph = proto.graph
     initializers = {init.name: init for init in graph.initializer}
     index = linear_weight_index(model)
+    _untie_transposed_weights(graph, initializers, index)
     renames: dict[str, str] = {}
     mapping: dict[str, list[str]] = {}
     kept_float: list[str] = []
@@ -117,6 +118,37 @@ def quantize_onnx(model: nn.Module, path: Path, bits: int, block_size: int,
     _save(proto, path)
     return {"matmulnbits": quantized, "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
             "kept_float_matmuls": kept_float}
+
+
+def _untie_transposed_weights(graph, initializers: dict, index: dict) -> None:
+    """Give each ``MatMul(x, Transpose(W))`` whose ``W.T`` is a Linear weight of the model (``index``) its own
+    ``W.T`` initializer, in place.
+
+    A tied lm_head is exported that way: the table feeds the embedding ``Gather`` and, transposed, the lm_head
+    ``MatMul``, so the quantizer (constant ``B`` only) would leave the largest MatMul in float. The Gather keeps the
+    float table; the new ``B`` is quantized like any Linear weight (its float copy does not stay in the file)."""
+    from onnx import numpy_helper
+
+    producers = {out: node for node in graph.node for out in node.output}
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] in initializers:
+            continue
+        transpose = producers.get(node.input[1])
+        if transpose is None or transpose.op_type != "Transpose" or transpose.input[0] not in initializers:
+            continue
+        perm = [a.ints for a in transpose.attribute if a.name == "perm"]
+        weight = numpy_helper.to_array(initializers[transpose.input[0]])
+        if weight.ndim != 2 or (perm and list(perm[0]) != [1, 0]) or _weight_key(weight.T) not in index:
+            continue
+        name = f"{transpose.input[0]}.untied_transpose"
+        if name not in initializers:
+            tensor = numpy_helper.from_array(np.ascontiguousarray(weight.T), name)
+            graph.initializer.append(tensor)
+            initializers[name] = graph.initializer[-1]
+        node.input[1] = name
+    used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Transpose" and n.output[0] not in used]:
+        graph.node.remove(node)
 
 
 def dequantize_matmulnbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, bits: int,

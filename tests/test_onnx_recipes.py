@@ -70,15 +70,29 @@ def test_int4_has_matmulnbits_and_passes_both_sides(int4_export):
     assert read_json(int4_export / "genai_config.json")["search"]["past_present_share_buffer"] is True
 
 
-def test_int4_gqa_fused_passes_both_sides(tmp_path_factory):
-    """onnx-int4-gqa: MatMulNBits, GroupQueryAttention and onnxruntime's fusions compose; both sides verified."""
-    folder = export(tmp_path_factory, "builtin:tiny-llama", "--recipe", "onnx-int4-gqa")
+def test_int4_gqa_fused_tied_lm_head_passes_both_sides(tmp_path_factory):
+    """onnx-int4-gqa on a model with a tied lm_head: MatMulNBits (lm_head included: it reads the embedding table
+    through a Transpose), GroupQueryAttention and onnxruntime's fusions compose; both sides verified; the float
+    table stays once, for the Gather."""
+    from exporter.builtin import materialize
+
+    model_dir = materialize("tiny-llama", tmp_path_factory.mktemp("tied") / "model")
+    config = read_json(model_dir / "config.json")
+    config["tie_word_embeddings"] = True
+    (model_dir / "config.json").write_text(json.dumps(config))
+    folder = model_dir.parent / "out"
+    result = run_cli("--model", model_dir, "--recipe", "onnx-int4-gqa", "--output", folder, "--quiet")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     check_verified(folder, two_sided=True)
+    model = graph(folder)
     ops = {}
-    for node in graph(folder).graph.node:
+    for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     assert ops["MatMulNBits"] == 15 and ops["GroupQueryAttention"] == 2
     assert ops["SkipSimplifiedLayerNormalization"] >= 2 and ops["RotaryEmbedding"] == 4
+    assert "MatMul" not in ops and "FusedMatMul" not in ops and "Transpose" not in ops, ops
+    tables = [i.name for i in model.graph.initializer if list(i.dims) == [config["vocab_size"], config["hidden_size"]]]
+    assert len(tables) == 1, tables
     build = read_json(folder / "manifest.json")["build"]["onnx"]
     assert build["ort_fusions"] == "cpu" and build["matmulnbits"] == 15
 
