@@ -105,6 +105,8 @@ def quantize_onnx(model: nn.Module, path: Path, bits: int, block_size: int,
         for i, name in enumerate(node.input):
             if name in renames:
                 node.input[i] = renames[name]
+    initializers = {init.name: init for init in graph.initializer}
+    mapping = _pack_siblings(graph, initializers, mapping)
     quantizer = MatMulNBitsQuantizer(proto, bits=bits, block_size=block_size, is_symmetric=False,
                                      accuracy_level=accuracy_level, nodes_to_exclude=kept_float,
                                      op_types_to_quantize=("MatMul",))
@@ -116,8 +118,61 @@ def quantize_onnx(model: nn.Module, path: Path, bits: int, block_size: int,
     if quantized != len(mapping):
         raise RuntimeError(f"MatMulNBitsQuantizer replaced {quantized} of {len(mapping)} Linear MatMuls")
     _save(proto, path)
-    return {"matmulnbits": quantized, "bits": bits, "block_size": block_size, "accuracy_level": accuracy_level,
-            "kept_float_matmuls": kept_float}
+    packed = sum(1 for parts in mapping.values() if not isinstance(parts[0], str))
+    return {"matmulnbits": quantized, "packed_matmulnbits": packed, "bits": bits, "block_size": block_size,
+            "accuracy_level": accuracy_level, "kept_float_matmuls": kept_float}
+
+
+def _pack_siblings(graph, initializers: dict, mapping: dict) -> dict:
+    """Merge the Linear MatMuls reading one input (q/k/v; gate/up) into one MatMul on their weights concatenated
+    along N, followed by a Split: one MatMulNBits kernel instead of several. MatMulNBits quantizes each output column
+    on its own (blocks run along K), so the packed weight quantizes to exactly the separate ones.
+
+    Returns the mapping with each packed weight's entry as ``[[module paths, columns], ...]`` in column order (an
+    unpacked entry stays a list of module paths)."""
+    from onnx import NodeProto, TensorProto, helper, numpy_helper
+
+    nodes = list(graph.node)
+    uses: dict[str, int] = {}
+    for node in nodes:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    siblings: dict[str, list[int]] = {}
+    for i, node in enumerate(nodes):
+        if node.op_type == "MatMul" and node.input[1] in mapping and uses[node.input[1]] == 1:
+            siblings.setdefault(node.input[0], []).append(i)
+    mapping = dict(mapping)
+    replaced: dict[int, list] = {}  # first sibling's index -> [MatMul, Split]; the other siblings' -> []
+    for source, group in siblings.items():
+        weights = [numpy_helper.to_array(initializers[nodes[i].input[1]]) for i in group]
+        if len(group) < 2 or len({(w.shape[0], w.dtype) for w in weights}) != 1:
+            continue
+        name = "+".join(nodes[i].input[1].removesuffix(".weight.T") for i in group) + ".weight.T"
+        graph.initializer.append(numpy_helper.from_array(np.concatenate(weights, axis=1), name))
+        sizes = numpy_helper.from_array(np.array([w.shape[1] for w in weights], np.int64), name + ".split")
+        graph.initializer.append(sizes)
+        first = nodes[group[0]]
+        packed = helper.make_node("MatMul", [source, name], [name + ".out"], name=f"{first.name}_packed")
+        split = helper.make_node("Split", [name + ".out", sizes.name], [nodes[i].output[0] for i in group],
+                                 name=f"{first.name}_split", axis=-1)
+        mapping[name] = [[mapping.pop(nodes[i].input[1]), int(w.shape[1])] for i, w in zip(group, weights)]
+        replaced[group[0]] = [packed, split]
+        replaced.update({i: [] for i in group[1:]})
+    if replaced:
+        stale = {nodes[i].input[1] for i in replaced}
+        kept_nodes = [_copy(new, NodeProto) for i, node in enumerate(nodes) for new in replaced.get(i, [node])]
+        kept_inits = [_copy(init, TensorProto) for init in graph.initializer if init.name not in stale]
+        del graph.node[:]
+        graph.node.extend(kept_nodes)
+        del graph.initializer[:]
+        graph.initializer.extend(kept_inits)
+    return mapping
+
+
+def _copy(message, kind):
+    duplicate = kind()
+    duplicate.CopyFrom(message)
+    return duplicate
 
 
 def _untie_transposed_weights(graph, initializers: dict, index: dict) -> None:
@@ -208,8 +263,15 @@ def read_quantized_linears(onnx_path: Path) -> dict[str, tuple[np.ndarray, int |
                                            numpy_helper.to_array(initializers[node.input[2]]), zero_points,
                                            bits, k, n, block)
         activation_block = block if int(attrs.get("accuracy_level", 0)) == 4 else None
-        for path in mapping[base]:
-            weights[path] = (weight_kn.T, activation_block)
+        entry = mapping[base]
+        parts = [(entry, n)] if isinstance(entry[0], str) else entry  # packed: [[paths, columns], ...]
+        start = 0
+        for paths, columns in parts:
+            for path in paths:
+                weights[path] = (weight_kn[:, start:start + columns].T.copy(), activation_block)
+            start += columns
+        if start != n:
+            raise ValueError(f"MatMulNBits {node.name or b_name}: {METADATA_KEY} covers {start} of its {n} columns")
     return weights
 
 

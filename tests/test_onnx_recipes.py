@@ -53,8 +53,10 @@ def test_int4_has_matmulnbits_and_passes_both_sides(int4_export):
 
     model = graph(int4_export)
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
-    # tiny-llama: 2 layers x 7 projections + lm_head
-    assert len(nbits) == 15
+    # tiny-llama: 2 layers x (q/k/v packed, o, gate/up packed, down) + lm_head: the 15 Linears in 9 kernels
+    assert len(nbits) == 9
+    packed = read_json(int4_export / "manifest.json")["build"]["onnx"]["packed_matmulnbits"]
+    assert packed == 4
     for node in nbits:
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["bits"] == 4 and attrs["block_size"] == 32 and node.domain == "com.microsoft"
@@ -88,13 +90,13 @@ def test_int4_gqa_fused_tied_lm_head_passes_both_sides(tmp_path_factory):
     ops = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    assert ops["MatMulNBits"] == 15 and ops["GroupQueryAttention"] == 2
+    assert ops["MatMulNBits"] == 9 and ops["GroupQueryAttention"] == 2  # q/k/v and gate/up packed
     assert ops["SkipSimplifiedLayerNormalization"] >= 2 and ops["RotaryEmbedding"] == 4
     assert "MatMul" not in ops and "FusedMatMul" not in ops and "Transpose" not in ops, ops
     tables = [i.name for i in model.graph.initializer if list(i.dims) == [config["vocab_size"], config["hidden_size"]]]
     assert len(tables) == 1, tables
     build = read_json(folder / "manifest.json")["build"]["onnx"]
-    assert build["ort_fusions"] == "cpu" and build["matmulnbits"] == 15
+    assert build["ort_fusions"] == "cpu" and build["matmulnbits"] == 9 and build["packed_matmulnbits"] == 4
 
 
 def _corrupt_one_scale(folder: Path, target: Path) -> None:
