@@ -1,8 +1,8 @@
 """``export-model batch FILE.toml --output DIR``: several exports in one run, each in its own folder.
 
 The file holds ``[[export]]`` tables with ``model`` and ``target`` (required) and optional ``recipe`` (a name, or
-a list of names), ``max_seq_len``, ``name`` (the sub-folder, default derived from the model) and the numeric
-options of ``export-model``: ``group_size``, ``qembedding``, ``dtype``, ``onnx_cache``. Entries run one
+a list of names), ``max_seq_len``, ``name`` (the sub-folder, default derived from the model) and the options of
+``export-model``: ``group_size``, ``qembedding``, ``dtype``, ``onnx_cache``, ``external_weights``. Entries run one
 after the other; a failed entry does not stop the others. ``summary.json`` and a table report every entry.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from exporter.cli import EXIT_FAILED, EXIT_OK, ArgumentParser, apply_overrides, fail, select_recipes
 from exporter.errors import ExportFailed, UserError
 
-OPTION_KEYS = ("group_size", "qembedding", "dtype", "onnx_cache")  # same meaning as the command-line flags
+OPTION_KEYS = ("group_size", "qembedding", "dtype", "onnx_cache", "external_weights")  # same meaning as the command-line flags
 ENTRY_KEYS = {"model", "target", "recipe", "max_seq_len", "name", *OPTION_KEYS}
 
 

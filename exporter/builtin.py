@@ -128,11 +128,14 @@ def _byte_of(ch: str) -> int:
     return others[code - 256]
 
 
-def materialize(name: str, directory: Path) -> Path:
-    """Write builtin model ``name`` to ``directory`` in save_pretrained layout and return the directory."""
+def materialize(name: str, directory: Path, **config_overrides) -> Path:
+    """Write builtin model ``name`` (its config changed by ``config_overrides``, e.g. ``tie_word_embeddings=True``)
+    to ``directory`` in save_pretrained layout and return the directory."""
     from transformers import AutoModelForCausalLM
 
     config = BUILTINS[name]()
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     torch.manual_seed(SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     directory.mkdir(parents=True, exist_ok=True)

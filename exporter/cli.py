@@ -56,6 +56,9 @@ def build_parser() -> ArgumentParser:
                              "verification thresholds (bf16: XNNPACK has no bf16 kernels)")
     parser.add_argument("--onnx-cache", choices=("static", "dynamic"),
                         help="ONNX KV cache contract: static shared buffer (default) or dynamic concatenation")
+    parser.add_argument("--external-weights", action="store_true", default=None,
+                        help="ExecuTorch: write the weights to model.ptd beside model.pte, each tensor once (a tied "
+                             "embedding and lm_head share one copy); runtimes load both files")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder once verified")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     return parser
@@ -82,7 +85,8 @@ def select_recipes(target: str | None, names: list[str]):
     return [by_target.get(t) or recipes.load(recipes.DEFAULT_RECIPES[t]) for t in targets]
 
 
-def apply_overrides(chosen: list, group_size=None, qembedding=None, dtype=None, onnx_cache=None) -> list:
+def apply_overrides(chosen: list, group_size=None, qembedding=None, dtype=None, onnx_cache=None,
+                    external_weights=None) -> list:
     """Apply the numeric command-line options to the recipes they concern; UserError when one concerns none."""
     from exporter import recipes
     from exporter.errors import UserError
@@ -90,14 +94,18 @@ def apply_overrides(chosen: list, group_size=None, qembedding=None, dtype=None, 
     wanted = {"--group-size": (group_size, lambda r: r.quantization != "none", dict(group_size=group_size)),
               "--qembedding": (qembedding, lambda r: r.target == "executorch", dict(embedding=qembedding)),
               "--dtype": (dtype, lambda r: True, dict(dtype=dtype)),
-              "--onnx-cache": (onnx_cache, lambda r: r.target == "onnx", dict(kv_cache=onnx_cache))}
+              "--onnx-cache": (onnx_cache, lambda r: r.target == "onnx", dict(kv_cache=onnx_cache)),
+              "--external-weights": (external_weights, lambda r: r.target == "executorch",
+                                     dict(external_weights=external_weights))}
+    kinds = {"--group-size": int, "--external-weights": bool}
     result = list(chosen)
     for flag, (value, applies, change) in wanted.items():
         if value is None:
             continue
-        kind = int if flag == "--group-size" else str
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise UserError(f"{flag} must be {'an integer' if kind is int else 'a string'}, got {value!r}")
+        kind = kinds.get(flag, str)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise UserError(f"{flag} must be {dict(int='an integer', bool='true or false').get(kind.__name__, 'a string')}"
+                            f", got {value!r}")
         targets = [i for i, r in enumerate(result) if applies(r)]
         if not targets:
             names = ", ".join(r.name for r in result)
@@ -117,7 +125,7 @@ def cmd_export(argv: list[str]) -> int:
         if args.max_seq_len is not None and args.max_seq_len < 4:
             raise UserError(f"--max-seq-len must be at least 4, got {args.max_seq_len}")
         chosen = apply_overrides(select_recipes(args.target, args.recipe), args.group_size, args.qembedding,
-                                 args.dtype, args.onnx_cache)
+                                 args.dtype, args.onnx_cache, args.external_weights)
         request = ExportRequest(model=args.model, recipes=chosen,
                                 output=args.output, max_seq_len=args.max_seq_len, force=args.force)
         progress = Progress(quiet=args.quiet)

@@ -1,5 +1,6 @@
 """Build one ExecuTorch artifact for a recipe: quantize (torchao) -> wrap (static KV cache as mutable buffers) ->
-capture -> lower (XNNPACK) -> ``model.pte``.
+capture -> lower (XNNPACK) -> ``model.pte`` (+ ``model.ptd`` holding the weights, each tensor once, when the recipe
+says ``external_weights``).
 
 Attention ``executorch_custom_ops`` (the XNNPACK recipes): ExecuTorch's ``llama::update_cache`` /
 ``llama::custom_sdpa`` through ``attention.executorch_sdpa``, the runner metadata says ``use_sdpa_with_kv_cache``.
@@ -58,7 +59,8 @@ def _probe_custom_ops(model, max_seq_len: int) -> str | None:
 
 def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging: Path,
                      progress: Progress) -> tuple[str, dict]:
-    """Write ``model.pte`` into ``staging``; returns the file name and build details for the manifest.
+    """Write ``model.pte`` (+ ``model.ptd``) into ``staging``; returns the file name and build details for the
+    manifest.
 
     ``model`` is this recipe's own copy when the recipe quantizes (it is quantized in place).
     """
@@ -103,6 +105,9 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
     metadata = runner_metadata(config, max_seq_len, ids.eos, ids.bos, use_sdpa_with_kv_cache=custom_ops)
     with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"), native_output_captured():
         data = lower_to_pte(program, metadata, quantized=recipe.quantization != "none"
-                            or recipe.embedding_quantization != "none")
+                            or recipe.embedding_quantization != "none",
+                            weights_dir=staging if recipe.external_weights else None)
         (staging / "model.pte").write_bytes(data)
+    if recipe.external_weights:
+        details["weights_file"] = "model.ptd"
     return "model.pte", details

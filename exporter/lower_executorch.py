@@ -45,16 +45,38 @@ def xnnpack_partitioner():
     return XnnpackPartitioner(configs=[ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS])
 
 
-def lower_to_pte(program: ExportedProgram, metadata: dict, quantized: bool = False) -> bytes:
+WEIGHTS_TAG = "model"  # external weights go to ``model.ptd`` beside ``model.pte``
+
+
+def _tag_weights_external(program: ExportedProgram) -> None:
+    """Mark every parameter and constant buffer of ``program`` for the external data file, for the delegates too
+    (``delegate_constant_tag``): ExecuTorch's named data store then keeps identical bytes once, so a tied lm_head
+    (delegated to XNNPACK) and the embedding table (run by the portable Gather) share one copy."""
+    signature = program.graph_signature
+    mutated = set(signature.buffers_to_mutate.values())
+    constant = {name for name, target in signature.inputs_to_buffers.items() if target not in mutated}
+    constant |= set(signature.inputs_to_parameters)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in constant:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = WEIGHTS_TAG
+
+
+def lower_to_pte(program: ExportedProgram, metadata: dict, quantized: bool = False,
+                 weights_dir: Path | None = None) -> bytes:
     """XNNPACK-partitioned ExecuTorch program bytes; the KV cache stays as mutable buffers in the program.
 
     ``quantized``: fuse torchao's dequantize + op patterns that XNNPACK did not take (quantized embeddings) into
     ExecuTorch's quantized kernels (``do_quant_fusion_and_const_prop``).
+    ``weights_dir``: write the weights to ``weights_dir / "model.ptd"`` instead of into the program, each distinct
+    tensor once (the program then needs that file to load: ``Runtime.load_program(..., data_path=)``,
+    ``TextLLMRunner(..., data_path=)``).
     """
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    if weights_dir is not None:
+        _tag_weights_external(program)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(
@@ -69,8 +91,11 @@ def lower_to_pte(program: ExportedProgram, metadata: dict, quantized: bool = Fal
                 do_quant_fusion_and_const_prop=quantized,
                 memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
                 sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+                external_constants=(lambda node: WEIGHTS_TAG) if weights_dir is not None else False,
             )
         )
+        if weights_dir is not None:
+            executorch_program.write_tensor_data_to_file(str(weights_dir))
     return executorch_program.buffer
 
 

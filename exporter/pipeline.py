@@ -194,7 +194,8 @@ def _summary_rows(staging: Path, artifacts: dict, report: dict) -> list[list]:
     rows = []
     for target, name in artifacts.items():
         entry = report["artifacts"][name]
-        size = sum(p.stat().st_size for p in staging.glob(name + "*"))
+        files = [*staging.glob(name + "*"), *([staging / "model.ptd"] if name.endswith(".pte") else [])]
+        size = sum(p.stat().st_size for p in files if p.is_file())
         rows.append([name, target, f"{size / 2**20:.1f} MiB", *verify.headline(entry),
                      "passed" if entry["passed"] else "FAILED"])
     return rows

@@ -1,7 +1,8 @@
 """Named export recipes: TOML files in ``recipes/``, validated into ``Recipe`` objects.
 
 A recipe says where an artifact runs (target, backend), with which numerics (dtype, weight quantization, group
-size, embedding quantization, attention kernel, ONNX cache contract, ONNX graph fusions) and how it is verified:
+size, embedding quantization, attention kernel, ONNX cache contract, ONNX graph fusions, ExecuTorch weights in a
+separate ``model.ptd``) and how it is verified:
 - ``[verify]``: against the *matched* eager reference (fp32 eager for unquantized fp32 recipes; the eager model
   quantized / cast the same way for the others): ``max_abs_diff`` and/or ``max_rel_diff`` (max abs diff over the
   largest reference logit) and ``min_top1_agreement``, teacher-forced.
@@ -56,6 +57,7 @@ class Recipe:
     attention: str = "export_safe"
     kv_cache: str = "static"
     ort_fusions: str = "none"
+    external_weights: bool = False
     fp32_min_top1_agreement: float | None = None
     fp32_max_mean_kl: float | None = None
 
@@ -126,6 +128,7 @@ def _validate(data: dict, where: str) -> Recipe:
         attention=choice("attention", ATTENTIONS[target], default="export_safe"),
         kv_cache=choice("kv_cache", KV_CACHES[target], default="static"),
         ort_fusions=choice("ort_fusions", ORT_FUSIONS[target], default="none"),
+        external_weights=field("external_weights", bool, default=False),
         max_abs_diff=field("max_abs_diff", float, verify, default=None),
         max_rel_diff=field("max_rel_diff", float, verify, default=None),
         min_top1_agreement=field("min_top1_agreement", float, verify),
@@ -163,6 +166,9 @@ def check(recipe: Recipe, where: str) -> Recipe:
     if recipe.dtype != "float32" and (recipe.quantization != "none" or recipe.embedding_quantization != "none"):
         raise UserError(f"recipe {where}: quantized weights with {recipe.dtype} activations are not supported "
                         "(no matched reference reproduces the kernels' rounding); use float32 with quantization")
+    if recipe.external_weights and recipe.target != "executorch":
+        raise UserError(f"recipe {where}: external_weights is an ExecuTorch option (ONNX weights are always in "
+                        "model.onnx.data)")
     if recipe.attention == "onnxruntime_contrib_ops" and recipe.kv_cache != "static":
         raise UserError(f"recipe {where}: onnxruntime_contrib_ops needs the static (shared-buffer) KV cache")
     if not recipe.exact and (recipe.fp32_min_top1_agreement is None or recipe.fp32_max_mean_kl is None):
@@ -172,9 +178,12 @@ def check(recipe: Recipe, where: str) -> Recipe:
 
 
 def with_overrides(recipe: Recipe, group_size: int | None = None, embedding: str | None = None,
-                   dtype: str | None = None, kv_cache: str | None = None) -> Recipe:
+                   dtype: str | None = None, kv_cache: str | None = None,
+                   external_weights: bool | None = None) -> Recipe:
     """``recipe`` with command-line overrides applied and re-validated (UserError when a flag does not apply)."""
     changes = {}
+    if external_weights is not None and external_weights != recipe.external_weights:
+        changes["external_weights"] = external_weights
     if group_size is not None:
         if recipe.quantization == "none":
             raise UserError(f"--group-size applies to quantized recipes; {recipe.name} has no weight quantization")

@@ -21,14 +21,22 @@ def load_executorch_kernels() -> None:
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
 
 
+def executorch_data_file(pte_path: Path) -> Path | None:
+    """The weights file that goes with ``pte_path`` (``model.ptd`` beside ``model.pte``), if the export wrote one."""
+    data = Path(pte_path).with_suffix(".ptd")
+    return data if data.is_file() else None
+
+
 class ExecuTorchSession:
-    """A ``.pte`` decoder method ``forward(tokens [1,S], input_pos [S]) -> logits``; the cache lives in the method."""
+    """A ``.pte`` decoder method ``forward(tokens [1,S], input_pos [S]) -> logits``; the cache lives in the method.
+    A ``.ptd`` beside the ``.pte`` is loaded as its weights."""
 
     def __init__(self, path: Path):
         from executorch.runtime import Runtime
 
         load_executorch_kernels()
-        self.program = Runtime.get().load_program(Path(path))
+        data = executorch_data_file(path)
+        self.program = Runtime.get().load_program(Path(path), data_path=str(data) if data else None)
         self.max_seq_len = int(self._constant("get_max_seq_len"))
         self.method = None
         self.reset()

@@ -179,7 +179,7 @@ def verify_text_runner(pte_path, tokenizer_path, tokenizer, bos_id, expected_gre
     through the verified step function)."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    from exporter.runtime import load_executorch_kernels
+    from exporter.runtime import executorch_data_file, load_executorch_kernels
 
     load_executorch_kernels()
     prompt_ids = tokenizer(RUNNER_PROMPT)["input_ids"]
@@ -187,7 +187,8 @@ def verify_text_runner(pte_path, tokenizer_path, tokenizer, bos_id, expected_gre
     expected_ids = expected_greedy(prompt_ids, max_new_tokens)
     expected_pieces = [tokenizer.decode([t]) for t in expected_ids]  # the runner emits the eos piece too
     pieces, stats = [], []
-    runner = TextLLMRunner(str(pte_path), str(tokenizer_path))
+    data = executorch_data_file(pte_path)
+    runner = TextLLMRunner(str(pte_path), str(tokenizer_path), str(data) if data else None)
     config = GenerationConfig(temperature=0.0, max_new_tokens=max_new_tokens, echo=False, num_bos=num_bos)
     runner.generate(RUNNER_PROMPT, config, token_callback=pieces.append, stats_callback=stats.append)
     prompt_tokens = stats[-1].num_prompt_tokens if stats else None

@@ -97,13 +97,16 @@ def median_timings(run, warmup: int, repeats: int) -> list[float]:
 
 # ---------------------------------------------------------------------------------------------- child: exports
 def bench_recipe(name: str, max_seq_len: int):
-    """The shipped recipe ``name`` (``xnnpack-8da4w-q4emb`` = xnnpack-8da4w with ``--qembedding 4w``)."""
+    """The shipped recipe ``name``; suffixes add flags: ``-ptd`` = ``--external-weights``, ``-q4emb`` =
+    ``--qembedding 4w`` (``xnnpack-fp32-ptd``, ``xnnpack-8da4w-q4emb``)."""
     import dataclasses
 
     from exporter import recipes
 
-    base, embedding = (name[:-len("-q4emb")], "4w") if name.endswith("-q4emb") else (name, None)
-    recipe = recipes.with_overrides(recipes.load(base), embedding=embedding)
+    external = name.endswith("-ptd")
+    base = name[:-len("-ptd")] if external else name
+    base, embedding = (base[:-len("-q4emb")], "4w") if base.endswith("-q4emb") else (base, None)
+    recipe = recipes.with_overrides(recipes.load(base), embedding=embedding, external_weights=external or None)
     return dataclasses.replace(recipe, max_seq_len=max_seq_len)
 
 
@@ -133,12 +136,16 @@ def child_export_ours(job: dict) -> dict:
                                      loading.special_ids(config, model_dir), staging, progress)
     phases.update({stage: seconds for stage, _, seconds in progress.timings})
     os.replace(staging / name, job["out"])
+    files = [job["out"]]
+    if details.get("weights_file"):  # model.ptd goes beside the .pte under the same stem
+        files.append(str(Path(job["out"]).with_suffix(".ptd")))
+        os.replace(staging / details["weights_file"], files[-1])
     shutil.rmtree(staging, ignore_errors=True)
     if job.get("accuracy"):  # the matched (quantized) eager reference: the model as it was captured, no cache
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([job["sequence"]])).logits[0]
         np.save(job["out"] + ".qref.npy", logits.float().numpy())
-    return {"phases": phases, "details": details, "files": [job["out"]]}
+    return {"phases": phases, "details": details, "files": files}
 
 
 def child_export_cli(job: dict) -> dict:
@@ -340,7 +347,8 @@ def child_run_pte(job: dict) -> dict:
 
     load_et_kernels()
     set_et_threads(job["threads"])
-    program = Runtime.get().load_program(Path(job["path"]))
+    data = Path(job["path"]).with_suffix(".ptd")
+    program = Runtime.get().load_program(Path(job["path"]), data_path=str(data) if data.is_file() else None)
     ids, prompt_len = job["sequence"], job["prompt_len"]
     prompt = torch.tensor([ids[:prompt_len]])
     steps = [(torch.tensor([[t]]), torch.tensor([i])) for i, t in enumerate(ids[prompt_len:], start=prompt_len)]

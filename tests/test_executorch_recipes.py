@@ -108,6 +108,7 @@ def test_fp16_recipe_graded_against_fp16_and_fp32_eager(tmp_path):
     (["--target", "executorch", "--dtype", "bf16"], "--dtype bfloat16 is not supported for executorch"),
     (["--target", "executorch", "--onnx-cache", "dynamic"], "--onnx-cache does not apply"),
     (["--recipe", "xnnpack-8da4w", "--dtype", "fp16"], "quantized weights with float16 activations are not supported"),
+    (["--target", "onnx", "--external-weights"], "--external-weights does not apply"),
 ])
 def test_bad_numeric_options_are_one_line_errors(tmp_path, args, message):
     result = run_cli("--model", "builtin:tiny-llama", "--output", tmp_path / "out", *args)
@@ -115,6 +116,36 @@ def test_bad_numeric_options_are_one_line_errors(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_external_weights_store_a_tied_embedding_once(tmp_path):
+    """--external-weights on a model whose lm_head is tied to the embedding: model.pte + model.ptd, the weights in
+    the .ptd once (the XNNPACK lm_head and the portable embedding Gather share the bytes); the runtimes load both
+    (verification, TextLLMRunner), the manifest hashes both; without the flag the table is stored twice."""
+    from transformers import AutoModelForCausalLM
+
+    from exporter.builtin import materialize
+    from exporter.manifest import check_integrity
+
+    model_dir = materialize("tiny-llama", tmp_path / "model", tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
+    table_bytes = model.lm_head.weight.numel() * 4
+    sizes = {}
+    for flag in ([], ["--external-weights"]):
+        output = tmp_path / ("external" if flag else "embedded")
+        result = run_cli("--model", model_dir, "--target", "executorch", "--output", output, "--quiet", *flag)
+        assert result.returncode == 0, result.stderr[-3000:]
+        entry = read_json(output / "verification.json")["artifacts"]["model.pte"]
+        assert entry["passed"] and {"text_llm_runner", "decode[12+16]"} <= {s["stage"] for s in entry["stages"]}
+        sizes[bool(flag)] = {p.name: p.stat().st_size for p in output.glob("model.pt*")}
+    assert set(sizes[False]) == {"model.pte"} and set(sizes[True]) == {"model.pte", "model.ptd"}
+    assert weight_bytes <= sizes[True]["model.ptd"] < weight_bytes + table_bytes / 2
+    assert sizes[True]["model.pte"] < weight_bytes / 4  # the program alone
+    assert sizes[False]["model.pte"] > weight_bytes + table_bytes * 0.9  # the embedded program holds it twice
+    manifest = check_integrity(tmp_path / "external")
+    assert "model.ptd" in manifest["files"] and manifest["build"]["executorch"]["weights_file"] == "model.ptd"
 
 
 def test_custom_ops_blocker_names_mla_and_foreign_attention():

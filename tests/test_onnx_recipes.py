@@ -78,10 +78,9 @@ def test_int4_gqa_fused_tied_lm_head_passes_both_sides(tmp_path_factory):
     table stays once, for the Gather."""
     from exporter.builtin import materialize
 
-    model_dir = materialize("tiny-llama", tmp_path_factory.mktemp("tied") / "model")
+    model_dir = materialize("tiny-llama", tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
     config = read_json(model_dir / "config.json")
-    config["tie_word_embeddings"] = True
-    (model_dir / "config.json").write_text(json.dumps(config))
+    assert config["tie_word_embeddings"] is True
     folder = model_dir.parent / "out"
     result = run_cli("--model", model_dir, "--recipe", "onnx-int4-gqa", "--output", folder, "--quiet")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
