@@ -50,7 +50,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--group-size", type=int,
                         help="weights per quantization group for quantized recipes (0 = per channel; default: recipe)")
     parser.add_argument("--qembedding", choices=("4w", "8w"),
-                        help="also quantize the token embedding table, weight-only int4 / int8 (ExecuTorch recipes)")
+                        help="also quantize the token embedding table, weight-only int4 / int8 (ExecuTorch recipes, "
+                             "quantized ONNX recipes: a tied lm_head and the embedding then share one table)")
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"),
                         help="weight, activation and cache dtype; fp16 takes the xnnpack-fp16 / onnx-fp16 "
                              "verification thresholds (bf16: XNNPACK has no bf16 kernels)")
@@ -92,7 +93,8 @@ def apply_overrides(chosen: list, group_size=None, qembedding=None, dtype=None, 
     from exporter.errors import UserError
 
     wanted = {"--group-size": (group_size, lambda r: r.quantization != "none", dict(group_size=group_size)),
-              "--qembedding": (qembedding, lambda r: r.target == "executorch", dict(embedding=qembedding)),
+              "--qembedding": (qembedding, lambda r: r.target == "executorch" or r.quantization != "none",
+                               dict(embedding=qembedding)),
               "--dtype": (dtype, lambda r: True, dict(dtype=dtype)),
               "--onnx-cache": (onnx_cache, lambda r: r.target == "onnx", dict(kv_cache=onnx_cache)),
               "--external-weights": (external_weights, lambda r: r.target == "executorch",

@@ -1,5 +1,6 @@
 """Build one ONNX artifact for a recipe: cast (float16) -> wrap (IO cache) -> capture -> lower -> weight-only
-quantization (int4 / int8, ``exporter.onnx_quantize``) -> ``genai_config.json``.
+quantization (int4 / int8, ``exporter.onnx_quantize``) -> fusions -> embedding quantization
+(``exporter.onnx_qembedding``) -> ``genai_config.json``.
 
 Cache contracts (``recipe.kv_cache``): ``static`` (shared buffer of ``max_seq_len`` slots, ``IOCacheDecoder``) or
 ``dynamic`` (concatenating past/present, ``ConcatCacheDecoder``).
@@ -74,6 +75,14 @@ def build_onnx(recipe, model, config, max_seq_len: int, ids: SpecialIds, staging
             details.update(quantize_onnx(model, staging / name, BITS[recipe.quantization], recipe.group_size))
     if recipe.ort_fusions != "none":
         _fuse(staging / name, recipe.ort_fusions, details, progress)
+    if recipe.embedding_quantization != "none":  # after the fusions: their constant folding would copy the
+        # shared table into a second, reshaped initializer
+        from exporter.onnx_qembedding import quantize_onnx_embeddings
+
+        bits = {"4w": 4, "8w": 8}[recipe.embedding_quantization]
+        block = recipe.group_size or 32
+        with progress.stage("qembed", f"GatherBlockQuantized embedding, {bits} bits, block size {block}"):
+            details.update(quantize_onnx_embeddings(model, staging / name, bits, block))
     past = wrapper.empty_past()
     kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
     genai = genai_config(config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, ids.bos, ids.eos, ids.pad,

@@ -13,6 +13,7 @@ which a packed q/k/v weight no longer is (quantized MatMuls are not packed; norm
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections import Counter
@@ -28,6 +29,9 @@ def fuse_onnx_file(path: Path, provider: str) -> dict:
     import onnx_ir as ir
     from transformers.exporters.onnxruntime_fusions import fuse_for_onnxruntime
 
+    # onnxruntime's quantizer configures the root logger at INFO; the rewriters log every match (with stacks) there
+    for name in ("onnx_ir", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     path = Path(path)
     model = ir.load(str(path))
     nodes_before = sum(1 for _ in model.graph.all_nodes())

@@ -316,6 +316,15 @@ def onnx_reference_model(recipe, model: nn.Module, onnx_path) -> nn.Module:
             module.weight = nn.Parameter(torch.from_numpy(weight).to(module.weight.dtype), requires_grad=False)
             if activation_block:
                 module.register_forward_pre_hook(_int8_activation_hook(activation_block))
+    if recipe.embedding_quantization != "none":
+        from exporter.onnx_qembedding import read_quantized_embeddings
+
+        for path, table in read_quantized_embeddings(Path(onnx_path)).items():
+            module = model.get_submodule(path)
+            if tuple(module.weight.shape) != table.shape:
+                raise ValueError(f"quantized embedding for {path!r} has shape {table.shape}, the module "
+                                 f"{tuple(module.weight.shape)}")
+            module.weight = nn.Parameter(torch.from_numpy(table).to(module.weight.dtype), requires_grad=False)
     if recipe.dtype == "float16":
         # float16 weights, float32 compute: onnxruntime's CPU provider runs most float16 nodes through inserted
         # casts to float32, so this tracks the artifact more closely than float16 eager (measured on tiny-llama:

@@ -25,7 +25,7 @@ DEFAULT_RECIPES = {"executorch": "xnnpack-fp32", "onnx": "onnx-fp32"}
 BACKENDS = {"executorch": ("xnnpack",), "onnx": ("onnxruntime",)}
 DTYPES = {"executorch": ("float32", "float16"), "onnx": ("float32", "float16")}  # XNNPACK: no bf16 kernels
 QUANTIZATIONS = {"executorch": ("none", "8da4w", "8da8w"), "onnx": ("none", "int4", "int8")}
-EMBEDDING_QUANTIZATIONS = {"executorch": ("none", "4w", "8w"), "onnx": ("none",)}
+EMBEDDING_QUANTIZATIONS = {"executorch": ("none", "4w", "8w"), "onnx": ("none", "4w", "8w")}
 ATTENTIONS = {"executorch": ("export_safe", "executorch_custom_ops"), "onnx": ("export_safe", "onnxruntime_contrib_ops")}
 KV_CACHES = {"executorch": ("static",), "onnx": ("static", "dynamic")}
 # Graph fusions into onnxruntime's own ops for one of its providers (transformers' ``fuse_for_onnxruntime``).

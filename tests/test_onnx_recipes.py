@@ -72,16 +72,21 @@ def test_int4_has_matmulnbits_and_passes_both_sides(int4_export):
     assert read_json(int4_export / "genai_config.json")["search"]["past_present_share_buffer"] is True
 
 
-def test_int4_gqa_fused_tied_lm_head_passes_both_sides(tmp_path_factory):
+@pytest.fixture(scope="module")
+def tied_llama_dir(tmp_path_factory) -> Path:
+    from exporter.builtin import materialize
+
+    return materialize("tiny-llama", tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
+
+
+def test_int4_gqa_fused_tied_lm_head_passes_both_sides(tied_llama_dir):
     """onnx-int4-gqa on a model with a tied lm_head: MatMulNBits (lm_head included: it reads the embedding table
     through a Transpose), GroupQueryAttention and onnxruntime's fusions compose; both sides verified; the float
     table stays once, for the Gather."""
-    from exporter.builtin import materialize
-
-    model_dir = materialize("tiny-llama", tmp_path_factory.mktemp("tied") / "model", tie_word_embeddings=True)
+    model_dir = tied_llama_dir
     config = read_json(model_dir / "config.json")
     assert config["tie_word_embeddings"] is True
-    folder = model_dir.parent / "out"
+    folder = model_dir.parent / "int4-gqa"
     result = run_cli("--model", model_dir, "--recipe", "onnx-int4-gqa", "--output", folder, "--quiet")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     check_verified(folder, two_sided=True)
@@ -96,6 +101,29 @@ def test_int4_gqa_fused_tied_lm_head_passes_both_sides(tmp_path_factory):
     assert len(tables) == 1, tables
     build = read_json(folder / "manifest.json")["build"]["onnx"]
     assert build["ort_fusions"] == "cpu" and build["matmulnbits"] == 9 and build["packed_matmulnbits"] == 4
+
+
+def test_qembedding_shares_the_tied_lm_head_table(tied_llama_dir):
+    """--qembedding 4w with a tied lm_head: the embedding lookup is a GatherBlockQuantized reading the lm_head's own
+    MatMulNBits initializers, so no float table is left and the 4-bit table is stored once; the matched reference
+    uses the dequantized table for the embedding too, and both sides pass."""
+    folder = tied_llama_dir.parent / "int4-gqa-q4emb"
+    result = run_cli("--model", tied_llama_dir, "--recipe", "onnx-int4-gqa", "--qembedding", "4w", "--output",
+                     folder, "--quiet")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    check_verified(folder, two_sided=True)
+    config = read_json(folder / "config.json")
+    model = graph(folder)
+    gathers = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and not [n for n in model.graph.node if n.op_type == "Gather"]
+    lm_head = next(n for n in model.graph.node if n.op_type == "MatMulNBits" and n.input[1].startswith("lm_head"))
+    reshape = next(n for n in model.graph.node if n.output[0] == gathers[0].input[0])
+    assert reshape.op_type == "Reshape" and reshape.input[0] == lm_head.input[1]  # the same 4-bit table
+    assert list(gathers[0].input[2:4]) == list(lm_head.input[2:4])  # and the same scales / zero points
+    sizes = [list(i.dims) for i in model.graph.initializer]
+    assert [config["vocab_size"], config["hidden_size"]] not in sizes
+    build = read_json(folder / "manifest.json")["build"]["onnx"]
+    assert build["embedding_shared_with_lm_head"] == 1 and build["embedding_bits"] == 4
 
 
 def _corrupt_one_scale(folder: Path, target: Path) -> None:
