@@ -1,5 +1,6 @@
 """Benchmark one model, in one run, on one prompt: this project's ExecuTorch ``.pte`` per recipe vs
-``transformers.exporters`` (ExecuTorch, XNNPACK) vs optimum-executorch vs eager PyTorch.
+``transformers.exporters`` (ExecuTorch, XNNPACK) vs optimum-executorch vs eager PyTorch; with ``--side onnx`` our
+ONNX folders vs transformers' OnnxExporter and ONNX Runtime GenAI's own model builder.
 
 Per artifact: export wall time and peak RSS of the export process, artifact size, prefill tokens/s (one call on the
 prompt) and decode tokens/s (single-token steps after the prompt), each the median of ``--repeats`` runs after
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# our ExecuTorch recipes (recipes/*.toml; "-q4emb": with --qembedding 4w)
+# our ExecuTorch recipes (recipes/*.toml; "-q4emb": with --qembedding 4w, "-ptd": with --external-weights)
 RECIPES = ("xnnpack-fp32", "xnnpack-fp16", "xnnpack-8da4w", "xnnpack-int8", "xnnpack-8da4w-q4emb")
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
@@ -83,9 +85,14 @@ def build_model(directory: Path, overrides: dict, seed: int = 0) -> Path:
 
     if (directory / "config.json").is_file():
         return directory
+    from exporter.builtin import build_tokenizer_json
+
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**overrides), dtype=torch.float32)
     model.save_pretrained(directory)
+    # a small tokenizer (ids below its vocabulary are what the benchmark feeds): ORT GenAI's builder needs one
+    (directory / "tokenizer.json").write_text(build_tokenizer_json())
+    (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
     return directory
 
 
@@ -209,7 +216,7 @@ def child_export_onnx_ours(job: dict) -> dict:
     model_dir, out = Path(job["model_dir"]), Path(job["out"])
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    recipe = dataclasses.replace(recipes.load(job["recipe"]), max_seq_len=job["max_seq_len"])
+    recipe = bench_recipe(job["recipe"], job["max_seq_len"])
     config = loading.read_config(model_dir)
     model = loading.load_model(model_dir, use_export_safe_attention())
     ids = loading.special_ids(config, model_dir)
@@ -218,6 +225,20 @@ def child_export_onnx_ours(job: dict) -> dict:
     phases["build"] = time.perf_counter() - t0 - phases["load"]
     return {"phases": phases, "files": sorted(str(p) for p in out.glob("model.onnx*")),
             "details": {k: v for k, v in details.items() if k != "kept_float_matmuls"}}
+
+
+def child_export_onnx_builder(job: dict) -> dict:
+    """ONNX Runtime GenAI's own model builder (``python -m onnxruntime_genai.models.builder``, hand-written graphs,
+    no check against eager) at ``job["precision"]`` for the CPU provider, its defaults otherwise."""
+    out = Path(job["out"])
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", job["model_dir"], "-o", str(out),
+           "-p", job["precision"], "-e", "cpu", "-c", str(out) + ".cache"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"builder failed: {proc.stderr[-2000:]}")
+    return {"phases": {"build": time.perf_counter() - t0}, "files": sorted(str(p) for p in out.glob("*.onnx*"))}
 
 
 def child_export_onnx_hf(job: dict) -> dict:
@@ -480,6 +501,7 @@ CHILDREN = {"export_ours": child_export_ours, "export_cli": child_export_cli, "e
             "export_optimum": child_export_optimum, "run_pte": child_run_pte, "run_hf": child_run_hf,
             "run_eager": child_run_eager, "export_onnx_ours": child_export_onnx_ours,
             "export_onnx_hf": child_export_onnx_hf, "run_onnx_genai": child_run_onnx_genai,
+            "export_onnx_builder": child_export_onnx_builder,
             "run_onnx_ort": child_run_onnx_ort, "run_onnx_hf": child_run_onnx_hf}
 
 
@@ -539,6 +561,8 @@ def main(argv=None) -> int:
                         help="which artifacts to measure (default: executorch; the eager row runs for every side)")
     parser.add_argument("--onnx-recipes", default="onnx-fp32,onnx-fp32-gqa,onnx-int4,onnx-int4-gqa",
                         help="ONNX recipes (--side onnx/all); with --skip-hf only these rows (and eager) run")
+    parser.add_argument("--onnx-builder", default="fp32,int4",
+                        help="ORT GenAI model builder rows (--side onnx/all): precisions, empty = none")
     parser.add_argument("--onnx-hf-fusions", default="none,cpu",
                         help="transformers OnnxExporter exports: ort_fusions values, none = unfused")
     parser.add_argument("--workdir", type=Path)
@@ -639,6 +663,16 @@ def onnx_side(args, common: dict, workdir: Path, report: dict, note) -> None:
         rows[f"ours {name} (genai)"]["run"] = run_child("run_onnx_genai", {**common, "path": str(out)}, workdir)
         rows[f"ours {name} (onnxruntime)"] = {"export": None, "run": run_child("run_onnx_ort", {**common,
                                                                                               "path": str(out)}, workdir)}
+    for precision in [p.strip() for p in args.onnx_builder.split(",") if p.strip()]:
+        label = f"ORT GenAI builder {precision}"
+        note(f"{label}: export")
+        out = workdir / f"builder-{precision}"
+        export = run_child("export_onnx_builder", {**common, "precision": precision, "out": str(out)}, workdir)
+        rows[label] = {"export": export}
+        if "error" not in export:
+            export["size_mib"] = size_mib(export["files"])
+            note(f"{label}: run ({export['wall_s']:.0f} s export, {export['size_mib']:.1f} MiB)")
+            rows[label]["run"] = run_child("run_onnx_genai", {**common, "path": str(out)}, workdir)
     if args.skip_hf:
         return
     for fusions in [f.strip() for f in args.onnx_hf_fusions.split(",") if f.strip()]:
@@ -663,20 +697,38 @@ def _get(rows, name, *keys):
     return value
 
 
+def _first(rows, names, *keys):
+    """The value at ``keys`` of the first row among ``names`` that has one (a recipe benchmarked as a variant,
+    e.g. ``xnnpack-fp32-ptd`` for ``xnnpack-fp32``)."""
+    return next((v for v in (_get(rows, name, *keys) for name in names) if v is not None), None)
+
+
 def ratios(rows: dict) -> dict:
     def ratio(a, b):
         return a / b if a and b else None
 
     hf = "transformers.exporters"
-    return {
-        "decode fp32 ours / transformers.exporters (target >= 1.5)": ratio(
-            _get(rows, "ours xnnpack-fp32", "run", "decode_tok_s"), _get(rows, hf, "run", "decode_tok_s")),
-        "decode 8da4w / ours fp32 (target >= 3)": ratio(
-            _get(rows, "ours xnnpack-8da4w", "run", "decode_tok_s"), _get(rows, "ours xnnpack-fp32", "run", "decode_tok_s")),
-        "decode 8da4w ours / optimum 8da4w (target >= 1)": ratio(
-            _get(rows, "ours xnnpack-8da4w", "run", "decode_tok_s"), _get(rows, "optimum 8da4w", "run", "decode_tok_s")),
-        "export time fp32 ours / transformers.exporters (target <= 0.25)": ratio(
-            _get(rows, "ours xnnpack-fp32", "export", "wall_s"), _get(rows, hf, "export", "wall_s")),
+    et_fp32 = [f"ours xnnpack-fp32{suffix}" for suffix in ("", "-ptd")]
+    et_q4 = [f"ours xnnpack-8da4w{suffix}" for suffix in ("", "-q4emb")]
+    onnx_fp32 = ["ours onnx-fp32-gqa (genai)", "ours onnx-fp32 (genai)"]
+    onnx_int4 = [f"ours onnx-int4-gqa{suffix} (genai)" for suffix in ("-q4emb", "")]
+    builder = {
+        "ONNX decode fp32-gqa ours (genai) / ORT GenAI builder fp32": ratio(
+            _first(rows, onnx_fp32, "run", "decode_tok_s"), _get(rows, "ORT GenAI builder fp32", "run", "decode_tok_s")),
+        "ONNX decode int4-gqa ours (genai) / ORT GenAI builder int4": ratio(
+            _first(rows, onnx_int4, "run", "decode_tok_s"), _get(rows, "ORT GenAI builder int4", "run", "decode_tok_s")),
+        "ONNX decode int4-gqa / fp32-gqa, ours genai (target >= 2)": ratio(
+            _first(rows, onnx_int4, "run", "decode_tok_s"), _first(rows, onnx_fp32, "run", "decode_tok_s")),
+        "ET decode fp32 (any variant) / transformers.exporters (target >= 1.5)": ratio(
+            _first(rows, et_fp32, "run", "decode_tok_s"), _get(rows, hf, "run", "decode_tok_s")),
+        "ET decode 8da4w (any variant) / ours fp32 (target >= 3)": ratio(
+            _first(rows, et_q4, "run", "decode_tok_s"), _first(rows, et_fp32, "run", "decode_tok_s")),
+        "ET decode 8da4w (any variant) / optimum 8da4w (target >= 1)": ratio(
+            _first(rows, et_q4, "run", "decode_tok_s"), _get(rows, "optimum 8da4w", "run", "decode_tok_s")),
+        "ET export time fp32 (any variant) / transformers.exporters (target <= 0.25)": ratio(
+            _first(rows, et_fp32, "export", "wall_s"), _get(rows, hf, "export", "wall_s")),
+    }
+    return {**builder, **{
         "ONNX decode fp32 ours (genai) / transformers onnx ort_fusions=cpu (target >= 1.2)": ratio(
             _get(rows, "ours onnx-fp32 (genai)", "run", "decode_tok_s"),
             _get(rows, "transformers onnx ort_fusions=cpu", "run", "decode_tok_s")),
@@ -706,7 +758,7 @@ def ratios(rows: dict) -> dict:
             _get(rows, "transformers onnx ort_fusions=cpu", "export", "wall_s")),
         "decode fp32 ours / eager": ratio(
             _get(rows, "ours xnnpack-fp32", "run", "decode_tok_s"), _get(rows, "eager", "run", "decode_tok_s")),
-    }
+    }}
 
 
 def print_table(report: dict) -> None:
