@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -26,8 +27,9 @@ def runner_metadata(config, max_seq_len: int, eos_ids: list[int], bos_id: int | 
     return metadata
 
 
-def xnnpack_partitioner():
-    """XNNPACK partitioner that leaves tanh-approximate GELU to the portable kernel.
+def xnnpack_partitioner(whole_ops: bool = False):
+    """XNNPACK partitioner that leaves tanh-approximate GELU to the portable kernel (``whole_ops``: the faster
+    ``lowering_speedups.whole_op_partitioner`` form).
 
     XNNPACK's GELU node is the exact (erf) form and the 1.5.1 delegate ignores ``approximate``, so a delegated
     ``gelu(approximate="tanh")`` (``gelu_pytorch_tanh``: Gemma, StarCoder2) is off by up to 4.7e-4 (fixed upstream
@@ -42,7 +44,12 @@ def xnnpack_partitioner():
             approximate = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             return approximate == "none" and super().check_constraints(node, ep)
 
-    return XnnpackPartitioner(configs=[ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS])
+    configs = [ExactGeluConfig if c is GeluConfig else c for c in ALL_PARTITIONER_CONFIGS]
+    if whole_ops:
+        from exporter.lowering_speedups import whole_op_partitioner
+
+        return whole_op_partitioner(XnnpackPartitioner, configs)
+    return XnnpackPartitioner(configs=configs)
 
 
 WEIGHTS_TAG = "model"  # external weights go to ``model.ptd`` beside ``model.pte``
@@ -75,13 +82,21 @@ def lower_to_pte(program: ExportedProgram, metadata: dict, quantized: bool = Fal
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    from exporter import lowering_speedups
+
     if weights_dir is not None:
         _tag_weights_external(program)
-    with torch.no_grad(), warnings.catch_warnings():
+    fast = lowering_speedups.supported()
+    with contextlib.ExitStack() as stack:
+        if fast:  # same program, less work: see exporter/lowering_speedups.py
+            stack.enter_context(lowering_speedups.only_passes_with_work())
+            stack.enter_context(lowering_speedups.one_topological_sort())
+        stack.enter_context(torch.no_grad())
+        stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
         edge = to_edge_transform_and_lower(
             program,
-            partitioner=[xnnpack_partitioner()],
+            partitioner=[xnnpack_partitioner(whole_ops=fast and not quantized)],
             compile_config=EdgeCompileConfig(_check_ir_validity=False),
             constant_methods=metadata,
         )
