@@ -71,6 +71,15 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
     from exporter.wrappers import BufferCacheDecoder
 
     details = {}
+    custom_ops = recipe.attention == "executorch_custom_ops"
+    if custom_ops:
+        # before any cast or quantization: the probe compares the attention paths, and int8 activations or float16
+        # would round them apart (measured: 0.03 on an 8da4w SmolLM2 shape, which sent it to the slow path)
+        blocker = custom_ops_blocker(model, cache_plan(model, 1, max_seq_len)) or _probe_custom_ops(model, max_seq_len)
+        if blocker:
+            progress.note(f"ExecuTorch custom ops not used: {blocker}")
+            details["custom_ops_fallback"] = blocker
+            custom_ops = False
     if recipe.dtype == "float16":
         import torch
 
@@ -83,18 +92,11 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
             summary = quantize_model(model, recipe.quantization, recipe.group_size,
                                      None if recipe.embedding_quantization == "none" else recipe.embedding_quantization)
         details["quantization"] = summary.as_dict()
-    custom_ops = recipe.attention == "executorch_custom_ops"
     previous_attention = model.config._attn_implementation
     if custom_ops:
-        blocker = custom_ops_blocker(model, cache_plan(model, 1, max_seq_len)) or _probe_custom_ops(model, max_seq_len)
-        if blocker:
-            progress.note(f"ExecuTorch custom ops not used: {blocker}")
-            details["custom_ops_fallback"] = blocker
-            custom_ops = False
-        else:
-            from attention import executorch_sdpa
+        from attention import executorch_sdpa
 
-            model.set_attn_implementation(executorch_sdpa.register())
+        model.set_attn_implementation(executorch_sdpa.register())
     details["attention"] = "executorch_custom_ops" if custom_ops else "export_safe"
     try:
         with progress.stage("capture", f"torch.export for {recipe.name}"):

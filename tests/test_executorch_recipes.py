@@ -180,3 +180,33 @@ def test_probe_sends_models_that_bypass_attention_interface_to_the_generic_path(
     assert reason is not None and "disagrees" in reason
     assert diff_llama.config._attn_implementation == "export_safe"  # restored
     assert _probe_custom_ops(loading.load_model(tiny_llama_dir, use_export_safe_attention()), 32) is None
+
+
+def test_probe_sees_the_unquantized_model(tiny_llama_dir, tmp_path, monkeypatch):
+    """The custom-op probe runs before quantization / casting: int8 activations round the two attention paths
+    apart (0.03 on a SmolLM2-shaped 8da4w model), which once sent every quantized export to the slow path."""
+    import dataclasses
+
+    from torch import nn
+
+    from exporter import executorch_artifact, loading
+    from exporter.pipeline import use_export_safe_attention
+    from exporter.progress import Progress
+
+    seen = []
+    probe = executorch_artifact._probe_custom_ops
+
+    def recording_probe(model, max_seq_len):
+        seen.append([type(m.weight).__name__ for m in model.modules() if isinstance(m, nn.Linear)])
+        return probe(model, max_seq_len)
+
+    monkeypatch.setattr(executorch_artifact, "_probe_custom_ops", recording_probe)
+    monkeypatch.setattr("exporter.lower_executorch.lower_to_pte", lambda *args, **kwargs: b"")  # not needed here
+    recipe = dataclasses.replace(recipes.load("xnnpack-8da4w"), max_seq_len=32)
+    config = loading.read_config(tiny_llama_dir)
+    model = loading.load_model(tiny_llama_dir, use_export_safe_attention())
+    _, details = executorch_artifact.build_executorch(recipe, model, config, 32, loading.special_ids(config, tiny_llama_dir),
+                                                      tmp_path, Progress(quiet=True))
+    assert seen and set(seen[0]) == {"Parameter"}  # plain float weights when probed
+    assert details["attention"] == "executorch_custom_ops"
+    assert details["quantization"]["quantized_linears"] == 15
