@@ -66,7 +66,7 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
     """
     from exporter.cache import cache_plan
     from exporter.capture import export_buffer_decoder
-    from exporter.lower_executorch import lower_to_pte, runner_metadata
+    from exporter.lower_executorch import WEIGHTS_TAG, lower_to_pte, runner_metadata
     from exporter.quiet import native_output_captured
     from exporter.wrappers import BufferCacheDecoder
 
@@ -111,5 +111,5 @@ def build_executorch(recipe, model, config, max_seq_len: int, ids: SpecialIds, s
                             weights_dir=staging if recipe.external_weights else None)
         (staging / "model.pte").write_bytes(data)
     if recipe.external_weights:
-        details["weights_file"] = "model.ptd"
+        details["weights_file"] = f"{WEIGHTS_TAG}.ptd"
     return "model.pte", details

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from exporter.onnx_quantize import METADATA_KEY, _save, _weight_key, dequantize_matmulnbits
+from exporter.onnx_quantize import METADATA_KEY, _save, _weight_key, dequantize_matmulnbits, quiet_quantizer
 
 EMBEDDINGS_KEY = "quantized_embeddings"
 
@@ -28,12 +28,9 @@ EMBEDDINGS_KEY = "quantized_embeddings"
 def _quantize_table(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(B [V, blocks, blob] uint8, scales [V, blocks], zero points [V, packed])`` for ``table [V, K]``, from
     onnxruntime's ``MatMulNBitsQuantizer`` run on ``MatMul(x, table.T)``."""
-    import logging
-
     from onnx import TensorProto, helper, numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    MatMulNBitsQuantizer = quiet_quantizer()
     vocab, hidden = table.shape
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "B"], ["y"])], "table",

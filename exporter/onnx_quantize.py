@@ -34,6 +34,16 @@ BITS = {"int4": 4, "int8": 8}
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (the fast CPU path), see the module notes
 
 
+def quiet_quantizer():
+    """onnxruntime's ``MatMulNBitsQuantizer`` class, with its per-node INFO logging turned down."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    return MatMulNBitsQuantizer
+
+
 def _weight_key(array: np.ndarray) -> tuple:
     array = np.ascontiguousarray(array)
     return array.shape, str(array.dtype), hashlib.sha1(array.tobytes()).hexdigest()
@@ -66,13 +76,10 @@ def quantize_onnx(model: nn.Module, path: Path, bits: int, block_size: int,
 
     Returns build details: how many MatMuls were quantized and which constant MatMuls were left in float.
     """
-    import logging
-
     import onnx
     from onnx import numpy_helper
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    MatMulNBitsQuantizer = quiet_quantizer()
 
     path = Path(path)
     proto = onnx.load(str(path), load_external_data=True)

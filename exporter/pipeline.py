@@ -191,11 +191,13 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
 
 
 def _summary_rows(staging: Path, artifacts: dict, report: dict) -> list[list]:
+    from exporter.runtime import executorch_data_file
+
     rows = []
     for target, name in artifacts.items():
         entry = report["artifacts"][name]
-        files = [*staging.glob(name + "*"), *([staging / "model.ptd"] if name.endswith(".pte") else [])]
-        size = sum(p.stat().st_size for p in files if p.is_file())
+        data = executorch_data_file(staging / name) if name.endswith(".pte") else None
+        size = sum(p.stat().st_size for p in [*staging.glob(name + "*"), *([data] if data else [])])
         rows.append([name, target, f"{size / 2**20:.1f} MiB", *verify.headline(entry),
                      "passed" if entry["passed"] else "FAILED"])
     return rows
