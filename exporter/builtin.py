@@ -11,6 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers.models import BPE
+from transformers import AutoConfig, AutoModelForCausalLM
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # ids 0-3; printable ASCII and merged pairs follow
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -35,8 +38,6 @@ def _common(**overrides) -> dict:
 
 
 def _config(model_type: str, **overrides):
-    from transformers import AutoConfig
-
     return AutoConfig.for_model(model_type, **_common(**overrides))
 
 
@@ -99,9 +100,6 @@ def build_tokenizer_json() -> str:
     Every token decodes to valid UTF-8 on its own (ExecuTorch's runner hands decoded pieces to Python as str),
     other characters map to <unk>. The post-processor prepends <s>.
     """
-    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
-    from tokenizers.models import BPE
-
     byte_to_char = {b: ch for ch, b in ((c, _byte_of(c)) for c in pre_tokenizers.ByteLevel.alphabet())}
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for byte in [10, *range(32, 127)]:
@@ -131,8 +129,6 @@ def _byte_of(ch: str) -> int:
 def materialize(name: str, directory: Path, **config_overrides) -> Path:
     """Write builtin model ``name`` (its config changed by ``config_overrides``, e.g. ``tie_word_embeddings=True``)
     to ``directory`` in save_pretrained layout and return the directory."""
-    from transformers import AutoModelForCausalLM
-
     config = BUILTINS[name]()
     for key, value in config_overrides.items():
         setattr(config, key, value)

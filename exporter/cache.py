@@ -21,15 +21,16 @@ where the cache is a graph input/output).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
+from exporter.checkpoint import LayerSpec
 from masks import ring_slot_positions
 
 INVALID_POSITION = -(1 << 30)  # position given to never-written ring slots: fails every causal/window predicate
-WINDOWED_LAYER_TYPES = ("sliding_attention", "chunked_attention")
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class LayerPlan:
     dtype: torch.dtype
     window: int | None  # ring size W, or None for a full-length cache
     sliding: bool  # the model builds this layer's mask with a sliding/chunked mask creator
+    type: str  # the layer's type in the checkpoint's plan (``LayerSpec.type``)
 
 
 class PositionedKVLayer(CacheLayerMixin):
@@ -175,31 +177,30 @@ class ConcatCache(PositionedCache):
         self.positions = None
 
 
-def cache_plan(model, batch_size: int, max_len: int, rings: bool = True) -> list[LayerPlan]:
-    """Per decoder layer: cache shapes and kind. With ``rings``, windowed layers get a ring when their window is
-    < ``max_len``; without, every layer is full length (the window is then applied by the mask alone).
+def cache_plan(model, layers: Sequence[LayerSpec], batch_size: int, max_len: int,
+               rings: bool = True) -> list[LayerPlan]:
+    """Per decoder layer of the checkpoint's plan ``layers``: cache shapes and kind. With ``rings``, windowed layers
+    get a ring when their window is < ``max_len``; without, every layer is full length (the window is then applied
+    by the mask alone).
 
     Shapes come from one eager step with a DynamicCache, so per-layer head counts / head dims need no
     family-specific config reading.
     """
-    text_config = model.config.get_text_config()
-    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=torch.zeros(1, 1, dtype=torch.long), cache=cache, use_cache=True)
-    if len(cache.layers) != len(layer_types):
-        raise NotImplementedError(f"cache has {len(cache.layers)} layers for {len(layer_types)} layer types")
+    if len(cache.layers) != len(layers):
+        raise NotImplementedError(f"cache has {len(cache.layers)} layers for {len(layers)} layer types")
     plan = []
-    for layer, layer_type, kwargs in zip(cache.layers, layer_types, layer_kwargs):
-        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or layer_type == "dummy":
-            raise NotImplementedError(f"layer type {layer_type!r} ({type(layer).__name__}) has no KV cache to export")
-        sliding = layer_type in WINDOWED_LAYER_TYPES
-        window = kwargs.get("sliding_window") if sliding else None
+    for layer, spec in zip(cache.layers, layers):
+        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or spec.type == "dummy":
+            raise NotImplementedError(f"layer type {spec.type!r} ({type(layer).__name__}) has no KV cache to export")
+        window = spec.window if spec.windowed else None
         ring = window if rings and window is not None and window < max_len else None
         length = max_len if ring is None else ring + 1
         k, v = layer.keys.shape, layer.values.shape
         plan.append(LayerPlan((batch_size, k[1], length, k[3]), (batch_size, v[1], length, v[3]),
-                              layer.keys.dtype, ring, sliding))
+                              layer.keys.dtype, ring, spec.windowed, spec.type))
     return plan
 
 

@@ -1,9 +1,20 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""The two exception types the CLI reports on one line, and the one helper that makes that line."""
 
 
 class UserError(Exception):
-    """Bad input from the user (model, recipe, flags, files). The message is shown as is, on one line."""
+    """Bad input from the user (model, recipe, flags, files). The message is shown as is, on one line; exit 2."""
 
 
 class ExportFailed(Exception):
-    """Capture or lowering failed for a supported model: reported on one line, exit code 1."""
+    """Capture or lowering failed for a model that was accepted: reported on one line, exit code 1."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of ``exc``'s message (at most ``limit`` characters), or its type name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
+def describe(exc: BaseException, limit: int = 300) -> str:
+    """``"TypeName: first line"`` of ``exc``, for reports that keep the exception type."""
+    return f"{type(exc).__name__}: {first_line(exc, limit)}"

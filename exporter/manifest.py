@@ -7,6 +7,8 @@ import json
 from importlib import metadata
 from pathlib import Path
 
+from exporter.errors import UserError
+
 PACKAGES = ("torch", "executorch", "transformers", "torchao", "onnx", "onnxruntime", "onnxscript",
             "onnxruntime-genai", "tokenizers")
 TOOL_NAME = "torch-export-hf"
@@ -59,8 +61,6 @@ def check_integrity(folder: Path) -> dict:
     Returns the manifest; raises ``UserError`` naming the first missing or corrupted file (a flipped byte is
     reported as corruption, never as a runtime crash), or a missing/unreadable manifest.
     """
-    from exporter.errors import UserError
-
     path = folder / "manifest.json"
     if not folder.is_dir():
         raise UserError(f"{folder}: no such artifact folder")

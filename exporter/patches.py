@@ -6,6 +6,7 @@ a patch that changed the numbers would be caught.
 
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
 
 import torch
@@ -40,8 +41,6 @@ def _deepseek_v2_apply_rotary_emb(xq, xk, freqs_cis):
 
 def _complex_rope_patch(module_path: str, rotary_class: str, apply_rotary):
     """(object, attribute, replacement) triples replacing a family's complex rotary embedding."""
-    import importlib
-
     module = importlib.import_module(module_path)
     return [(getattr(module, rotary_class), "forward", _real_rotary_forward),
             (module, "apply_rotary_emb", apply_rotary)]

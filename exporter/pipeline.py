@@ -20,31 +20,12 @@ from pathlib import Path
 import torch
 
 import attention
-import masks
-from exporter import checks, loading, recipes, verify
-from exporter.errors import ExportFailed, UserError
+from exporter import backends, checkpoint, recipes
+from exporter.errors import ExportFailed, UserError, describe
 from exporter.manifest import write_manifest
 from exporter.patches import export_patches
 from exporter.progress import Progress
-from exporter.quiet import native_output_captured
-
-ATTN_IMPLEMENTATION = "export_safe"
-
-
-def _build_executorch(*args):
-    from exporter.executorch_artifact import build_executorch
-
-    return build_executorch(*args)
-
-
-def _build_onnx(*args):
-    from exporter.onnx_artifact import build_onnx
-
-    return build_onnx(*args)
-
-
-# target -> builder(recipe, model, config, max_seq_len, ids, staging, progress) -> (file name, build details)
-BUILDERS = {"executorch": _build_executorch, "onnx": _build_onnx}
+from exporter.verification import compare, verify_folder
 
 
 @dataclass
@@ -66,13 +47,6 @@ class ExportResult:
     rows: list[list] = field(default_factory=list)
 
 
-def use_export_safe_attention() -> str:
-    """Register this project's masks and attention under one implementation name and return the name."""
-    masks.register(ATTN_IMPLEMENTATION)
-    attention.register(ATTN_IMPLEMENTATION)
-    return ATTN_IMPLEMENTATION
-
-
 def check_output(output: Path, force: bool) -> None:
     """Refuse an existing output without ``force`` and an output folder we cannot write next to."""
     if output.exists() and not force:
@@ -88,8 +62,9 @@ def check_output(output: Path, force: bool) -> None:
         raise UserError(f"output folder {parent} is not writable")
 
 
-def resolve_max_seq_len(request: ExportRequest, config) -> int:
-    limit = getattr(config.get_text_config(), "max_position_embeddings", None)
+def resolve_max_seq_len(request: ExportRequest, model: checkpoint.Checkpoint) -> int:
+    """The cache length: ``--max-seq-len``, else the longest recipe default, capped by the model's position limit."""
+    limit = model.position_limit
     wanted = request.max_seq_len if request.max_seq_len is not None else max(r.max_seq_len for r in request.recipes)
     if request.max_seq_len is None and limit:
         wanted = min(wanted, int(limit))
@@ -136,16 +111,27 @@ def run_export(request: ExportRequest, progress: Progress) -> ExportResult:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def load_export_model(source: checkpoint.Checkpoint):
+    """The model every recipe of an export starts from: export-safe attention and masks registered and selected,
+    MoE experts as gathered batched matmuls (the default grouped_mm is a custom op ExecuTorch cannot run)."""
+    return source.load_model(attention.register(), experts_implementation="batched_mm")
+
+
+def build_artifact(recipe: recipes.Recipe, model, source: checkpoint.Checkpoint, max_seq_len: int, staging: Path,
+                   progress: Progress) -> dict:
+    """Build ``recipe``'s artifact from ``model`` into ``staging`` (the backend's build under the family's
+    capture-time patches); returns the build details. ``model`` must be the recipe's own copy if it is not exact."""
+    with export_patches(source.model_type):
+        return backends.get(recipe.target).build(recipe, model, source, max_seq_len, staging, progress)
+
+
 def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress: Progress) -> ExportResult:
     torch.manual_seed(0)
     with progress.stage("load", f"model {request.model}"):
-        model_dir, source_kind = loading.resolve_model_dir(request.model, workdir)
-        config = loading.read_config(model_dir)
-        max_seq_len = resolve_max_seq_len(request, config)
-        # MoE experts as gathered batched matmuls: the default grouped_mm is a custom op ExecuTorch cannot run.
-        model = loading.load_model(model_dir, use_export_safe_attention(), experts_implementation="batched_mm")
-        ids = loading.special_ids(config, model_dir)
-        progress.note(f"{config.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
+        source = checkpoint.resolve(request.model, workdir)
+        max_seq_len = resolve_max_seq_len(request, source)
+        model = load_export_model(source)
+        progress.note(f"{source.model_type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, "
                       f"cache length {max_seq_len}")
 
     artifacts, builds = {}, {}
@@ -154,30 +140,28 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
         # hand the ONNX export a model the ExecuTorch recipe quantized.
         recipe_model = model if recipe.exact else copy.deepcopy(model)
         try:
-            with export_patches(config.model_type):
-                artifacts[recipe.target], builds[recipe.target] = BUILDERS[recipe.target](
-                    recipe, recipe_model, config, max_seq_len, ids, staging, progress)
-        except Exception as exc:
+            builds[recipe.target] = build_artifact(recipe, recipe_model, source, max_seq_len, staging, progress)
+            artifacts[recipe.target] = backends.get(recipe.target).artifact
+        except Exception as exc:  # noqa: BLE001 - any capture/lowering failure is reported on one line
             if os.environ.get("EXPORT_MODEL_DEBUG"):
                 raise
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise ExportFailed(f"{recipe.name}: {type(exc).__name__}: {first} "
-                               "(set EXPORT_MODEL_DEBUG=1 for the traceback)") from None
+            raise ExportFailed(f"{recipe.name}: {describe(exc)} (set EXPORT_MODEL_DEBUG=1 for the traceback)") \
+                from None
         finally:
             del recipe_model
-    for path in loading.tokenizer_files(model_dir):
+    for path in source.tokenizer_files:
         shutil.copy2(path, staging / path.name)
-    shutil.copy2(model_dir / "config.json", staging / "config.json")
+    shutil.copy2(source.folder / "config.json", staging / "config.json")
 
     del model
-    report = checks.verify_folder(staging, artifacts, request.recipes, model_dir, config, max_seq_len, progress)
+    report = verify_folder(staging, artifacts, request.recipes, source, max_seq_len, progress)
     (staging / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
 
     with progress.stage("write", "manifest and hashes"):
         write_manifest(staging, {
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"source": request.model, "kind": source_kind, "model_type": config.model_type,
-                      "architectures": getattr(config, "architectures", None)},
+            "model": {"source": request.model, "kind": source.kind, "model_type": source.model_type,
+                      "architectures": getattr(source.config, "architectures", None)},
             "recipes": [r.as_dict() for r in request.recipes],
             "max_seq_len": max_seq_len,
             "artifacts": artifacts,
@@ -191,14 +175,11 @@ def _export_into(request: ExportRequest, staging: Path, workdir: Path, progress:
 
 
 def _summary_rows(staging: Path, artifacts: dict, report: dict) -> list[list]:
-    from exporter.runtime import executorch_data_file
-
     rows = []
     for target, name in artifacts.items():
         entry = report["artifacts"][name]
-        data = executorch_data_file(staging / name) if name.endswith(".pte") else None
-        size = sum(p.stat().st_size for p in [*staging.glob(name + "*"), *([data] if data else [])])
-        rows.append([name, target, f"{size / 2**20:.1f} MiB", *verify.headline(entry),
+        size = sum(p.stat().st_size for p in backends.get(target).artifact_files(staging))
+        rows.append([name, target, f"{size / 2**20:.1f} MiB", *compare.headline(entry),
                      "passed" if entry["passed"] else "FAILED"])
     return rows
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import tempfile
+import warnings
 from contextlib import contextmanager
 
 
@@ -39,10 +41,8 @@ def _read(sink) -> str:
 
 
 def quiet_python_libraries() -> None:
-    """Silence import-time warnings of torch/torchao/transformers that say nothing about the user's export."""
-    import logging
-    import warnings
-
+    """Silence import-time warnings and progress bars of torch/torchao/transformers that say nothing about the
+    user's export (call before those libraries are imported)."""
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -54,6 +54,9 @@ def quiet_python_libraries() -> None:
             import torchao  # noqa: F401
         except ImportError:
             pass
+        from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Writing model shards", "Loading weights" bars
     for name in ("torch", "torch.utils._pytree", "torch.onnx", "torch._dynamo", "torch.export", "torchao",
                  "executorch", "transformers", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)

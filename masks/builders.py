@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from masks.predicates import MaskPredicate, and_masks, causal, padding
+from transformers.masking_utils import causal_mask_function
+
+from masks.predicates import MaskPredicate, padding
 
 
 def index_grids(batch_size: int, q_length, kv_length, q_offset=0, kv_offset=0, device="cpu"):
@@ -49,7 +51,7 @@ def bool_mask(
     kv_length,
     q_offset=0,
     kv_offset=0,
-    mask_function: MaskPredicate = causal,
+    mask_function: MaskPredicate = causal_mask_function,
     attention_mask: torch.Tensor | None = None,
     device="cpu",
     **_ignored,
@@ -60,11 +62,11 @@ def bool_mask(
     Extra keyword arguments from transformers (``allow_is_causal_skip``, ``use_vmap``, ``local_size``, ``dtype``,
     ``config``...) are accepted and ignored: the mask is always materialised by broadcasting.
     """
-    predicate = mask_function
-    if attention_mask is not None:
-        predicate = and_masks(mask_function, padding(attention_mask.to(torch.bool)))
+    real_tokens = padding(attention_mask.to(torch.bool)) if attention_mask is not None else None
     grids = index_grids(batch_size, q_length, kv_length, q_offset, kv_offset, device)
-    mask = predicate(*grids)
+    mask = mask_function(*grids)
+    if real_tokens is not None:
+        mask = mask & real_tokens(*grids)
     if not isinstance(mask, torch.Tensor):  # a constant predicate (e.g. ``lambda *args: True``); a type check only
         mask = torch.tensor(bool(mask), device=device)
     return mask.to(torch.bool).expand(batch_size, 1, q_length, kv_length)
@@ -76,7 +78,7 @@ def additive_mask(
     kv_length,
     q_offset=0,
     kv_offset=0,
-    mask_function: MaskPredicate = causal,
+    mask_function: MaskPredicate = causal_mask_function,
     attention_mask: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     device="cpu",

@@ -113,36 +113,34 @@ def bench_recipe(name: str, max_seq_len: int):
     external = name.endswith("-ptd")
     base = name[:-len("-ptd")] if external else name
     base, embedding = (base[:-len("-q4emb")], "4w") if base.endswith("-q4emb") else (base, None)
-    recipe = recipes.with_overrides(recipes.load(base), embedding=embedding, external_weights=external or None)
+    recipe = recipes.with_overrides(recipes.load(base), embedding_quantization=embedding,
+                                    external_weights=external or None)
     return dataclasses.replace(recipe, max_seq_len=max_seq_len)
 
 
 def child_export_ours(job: dict) -> dict:
-    """``exporter.executorch_artifact.build_executorch`` (quantize -> wrap -> capture -> lower), exactly what
-    ``export-model`` runs before verification; phase timings from its progress stages."""
+    """``exporter.pipeline.build_artifact`` (quantize -> wrap -> capture -> lower), exactly what ``export-model``
+    runs before verification; phase timings from its progress stages."""
     import shutil
 
     import numpy as np
     import torch
 
-    from exporter import loading
-    from exporter.executorch_artifact import build_executorch
-    from exporter.pipeline import use_export_safe_attention
+    from exporter import checkpoint, pipeline
     from exporter.progress import Progress
 
     t0 = time.perf_counter()
-    model_dir, max_len = Path(job["model_dir"]), job["max_seq_len"]
-    config = loading.read_config(model_dir)
-    model = loading.load_model(model_dir, use_export_safe_attention())
+    max_len = job["max_seq_len"]
+    source = checkpoint.resolve(job["model_dir"], Path(job["out"] + ".work"))
+    model = pipeline.load_export_model(source)
     phases = {"load": time.perf_counter() - t0}
     staging = Path(job["out"] + ".d")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     progress = Progress(quiet=True)
-    name, details = build_executorch(bench_recipe(job["recipe"], max_len), model, config, max_len,
-                                     loading.special_ids(config, model_dir), staging, progress)
+    details = pipeline.build_artifact(bench_recipe(job["recipe"], max_len), model, source, max_len, staging, progress)
     phases.update({stage: seconds for stage, _, seconds in progress.timings})
-    os.replace(staging / name, job["out"])
+    os.replace(staging / "model.pte", job["out"])
     files = [job["out"]]
     if details.get("weights_file"):  # model.ptd goes beside the .pte under the same stem
         files.append(str(Path(job["out"]).with_suffix(".ptd")))
@@ -200,28 +198,22 @@ def child_export_optimum(job: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- child: ONNX
 def child_export_onnx_ours(job: dict) -> dict:
-    """``exporter.onnx_artifact.build_onnx`` for an ONNX recipe into a GenAI folder (no verification), phase timings.
-    ``ort_optimize``: also save onnxruntime's offline-optimized graph (``--onnx-ort-optimize``, see ``docs``)."""
-    import dataclasses
+    """``exporter.pipeline.build_artifact`` for an ONNX recipe into a GenAI folder (no verification), phase
+    timings."""
     import shutil
 
-    import torch  # noqa: F401
-
-    from exporter import loading, recipes
-    from exporter.onnx_artifact import build_onnx
-    from exporter.pipeline import use_export_safe_attention
+    from exporter import checkpoint, pipeline
     from exporter.progress import Progress
 
     t0 = time.perf_counter()
-    model_dir, out = Path(job["model_dir"]), Path(job["out"])
+    out = Path(job["out"])
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     recipe = bench_recipe(job["recipe"], job["max_seq_len"])
-    config = loading.read_config(model_dir)
-    model = loading.load_model(model_dir, use_export_safe_attention())
-    ids = loading.special_ids(config, model_dir)
+    source = checkpoint.resolve(job["model_dir"], Path(job["out"] + ".work"))
+    model = pipeline.load_export_model(source)
     phases = {"load": time.perf_counter() - t0}
-    _, details = build_onnx(recipe, model, config, job["max_seq_len"], ids, out, Progress(quiet=True))
+    details = pipeline.build_artifact(recipe, model, source, job["max_seq_len"], out, Progress(quiet=True))
     phases["build"] = time.perf_counter() - t0 - phases["load"]
     return {"phases": phases, "files": sorted(str(p) for p in out.glob("model.onnx*")),
             "details": {k: v for k, v in details.items() if k != "kept_float_matmuls"}}
@@ -269,7 +261,7 @@ def child_run_onnx_genai(job: dict) -> dict:
     import numpy as np
     import onnxruntime_genai as og
 
-    from exporter.genai import GenAIModel
+    from exporter.backends.onnx.genai import GenAIModel
 
     model = GenAIModel(Path(job["path"]), threads=job["threads"])
     ids, prompt_len = job["sequence"], job["prompt_len"]
@@ -299,9 +291,9 @@ def child_run_onnx_genai(job: dict) -> dict:
 
 
 def child_run_onnx_ort(job: dict) -> dict:
-    """Our ``model.onnx`` through plain onnxruntime (``exporter.runtime.OnnxSession``: numpy feeds, the present
+    """Our ``model.onnx`` through plain onnxruntime (``exporter.backends.onnx.runtime.OnnxSession``: numpy feeds, the present
     tensors fed back as the next past)."""
-    from exporter.runtime import OnnxSession
+    from exporter.backends.onnx.runtime import OnnxSession
 
     session = OnnxSession(Path(job["path"]) / "model.onnx", threads=job["threads"])
     ids, prompt_len = job["sequence"], job["prompt_len"]

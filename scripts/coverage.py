@@ -6,7 +6,7 @@ tokenizer (exactly like ``exporter.builtin.materialize``), and the folder is exp
 ``run_export`` call per target (``xnnpack-fp32`` and ``onnx-fp32``, ``max_seq_len=32``) so that a failure on one
 target does not hide the other.
 
-NOTE: ``exporter.loading.read_config`` refuses model types outside ``exporter.support.SUPPORTED_MODEL_TYPES``.
+NOTE: ``exporter.checkpoint.read_config`` refuses model types outside ``exporter.support.SUPPORTED_MODEL_TYPES``.
 This script monkeypatches ``exporter.support.is_supported`` to return True inside its worker processes: the
 coverage run is exactly how families without a built-in get assessed. Nothing else in the project is changed.
 

@@ -1,17 +1,28 @@
-"""Shared fixtures: one export of the built-in model per test session, reused by every spine test."""
+"""Shared fixtures: built-in checkpoints written once per session, one export of the built-in model reused by the
+end-to-end tests, and the CLI run as a user runs it."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from exporter.quiet import quiet_python_libraries
 
-quiet_python_libraries()
+quiet_python_libraries()  # before transformers / torch are imported, as the CLI does
+
+from exporter import checkpoint  # noqa: E402
+from exporter.builtin import materialize  # noqa: E402
+
+# CI and local runs see the same property-test examples (derandomized); HYPOTHESIS_PROFILE=explore searches anew.
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.register_profile("explore", derandomize=False, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
@@ -21,11 +32,26 @@ def run_cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory) -> Path:
-    """The built-in tiny Llama written as a local save_pretrained folder (what a user's checkpoint looks like)."""
-    from exporter.builtin import materialize
+def builtin_checkpoint(tmp_path_factory):
+    """``get(name, **config_overrides) -> Checkpoint``: the built-in written as a local save_pretrained folder
+    (what a user's checkpoint looks like), once per session per name and overrides."""
+    root = tmp_path_factory.mktemp("builtins")
+    resolved: dict[tuple, checkpoint.Checkpoint] = {}
 
-    return materialize("tiny-llama", tmp_path_factory.mktemp("models") / "tiny-llama")
+    def get(name: str, **overrides) -> checkpoint.Checkpoint:
+        key = (name, *sorted(overrides.items()))
+        if key not in resolved:
+            folder = materialize(name, root / f"{name}-{len(resolved)}", **overrides)
+            resolved[key] = checkpoint.resolve(str(folder), root)
+        return resolved[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(builtin_checkpoint) -> Path:
+    """The built-in tiny Llama's save_pretrained folder."""
+    return builtin_checkpoint("tiny-llama").folder
 
 
 @pytest.fixture(scope="session")

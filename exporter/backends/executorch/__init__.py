@@ -1,0 +1,97 @@
+"""ExecuTorch target: a ``.pte`` for the XNNPACK delegate (+ ``model.ptd`` with ``external_weights``).
+
+Sub-modules: ``build`` (quantize -> wrap -> capture -> lower), ``wrapper`` and ``cache`` (the static cache as
+mutable buffers, the custom-op layout), ``quantize`` (torchao), ``lower`` (XNNPACK, runner metadata),
+``lowering_speedups``, ``runtime`` (sessions, ``TextLLMRunner``). They import ExecuTorch and torchao, so this
+module imports them only inside the methods that need them (validating a recipe loads neither).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from exporter.backends.base import Backend
+from exporter.errors import UserError
+from exporter.generation import EagerSession, greedy_generate
+from exporter.verification.compare import error_stage
+
+
+class ExecuTorchBackend(Backend):
+    target = "executorch"
+    artifact = "model.pte"
+    runtime = "executorch"
+    default_recipe = "xnnpack-fp32"
+    dtype_recipes = {"float32": "xnnpack-fp32", "float16": "xnnpack-fp16"}
+    options = {
+        "backend": ("xnnpack",),
+        "dtype": ("float32", "float16"),  # XNNPACK 1.5.1 has no bf16 kernels
+        "quantization": ("none", "8da4w", "8da8w"),
+        "embedding_quantization": ("none", "4w", "8w"),
+        "attention": ("export_safe", "executorch_custom_ops"),
+        "kv_cache": ("static",),
+        "ort_fusions": ("none",),
+        "external_weights": (False, True),
+    }
+    default_group_size = {"none": 0, "8da4w": 32, "8da8w": 0}
+
+    def check_recipe(self, recipe, where: str) -> None:
+        if recipe.group_size % 32:
+            raise UserError(f"recipe {where}: XNNPACK needs a group size that is a multiple of 32, "
+                            f"got {recipe.group_size}")
+        if recipe.quantization == "8da8w" and recipe.group_size:
+            raise UserError(f"recipe {where}: 8da8w is per channel on XNNPACK (group size 0), got {recipe.group_size}")
+        if recipe.quantization == "8da4w" and not recipe.group_size:
+            raise UserError(f"recipe {where}: 8da4w needs a group size (XNNPACK int4 weights are blockwise)")
+
+    def build(self, recipe, model, checkpoint, max_seq_len: int, staging: Path, progress) -> dict:
+        from exporter.backends.executorch.build import build_executorch
+
+        return build_executorch(recipe, model, checkpoint, max_seq_len, staging, progress)
+
+    def open_session(self, path: Path, threads: int | None = None):
+        from exporter.backends.executorch.runtime import ExecuTorchSession
+
+        return ExecuTorchSession(path)
+
+    def matched_reference(self, recipe, model, artifact: Path):
+        """float16: the eager model cast to float16; quantized: torchao with the recipe's scheme and group size."""
+        if recipe.dtype == "float16":
+            return model.to(torch.float16)  # the recipe validator refuses float16 together with quantization
+        from exporter.backends.executorch.quantize import quantize_model
+
+        embedding = None if recipe.embedding_quantization == "none" else recipe.embedding_quantization
+        quantize_model(model, recipe.quantization, recipe.group_size, embedding)
+        return model
+
+    def generation_check(self, recipe, artifact: Path, reference_model, context) -> dict:
+        """ExecuTorch's ``TextLLMRunner`` (temperature 0) vs greedy tokens. Exact recipes: eager greedy. Quantized
+        artifacts: the artifact's own greedy tokens through the step function graded before (dynamic activation
+        quantization rounds a few values differently from eager, which may flip a near-tie token; this check is
+        about the runner contract, the logits were graded against the matched reference)."""
+        from exporter.backends.executorch.runtime import ExecuTorchSession, verify_text_runner
+        try:
+            def expected(prompt_ids, n):
+                session = EagerSession(reference_model) if recipe.exact else ExecuTorchSession(artifact)
+                return greedy_generate(session, prompt_ids, n, context.eos)["tokens"]
+
+            stage = verify_text_runner(artifact, artifact.parent / "tokenizer.json", context.tokenizer,
+                                       context.checkpoint.special_ids.bos, expected, context.generate_tokens)
+            if not recipe.exact:
+                stage["expected_from"] = "the artifact's greedy tokens through the verified step function"
+            return stage
+        except Exception as exc:  # noqa: BLE001 - a runner that cannot run the artifact is a failed stage
+            return error_stage("text_llm_runner", exc)
+
+    def generate(self, folder: Path, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict:
+        from exporter.backends.executorch.runtime import ExecuTorchSession
+        result = greedy_generate(ExecuTorchSession(folder / self.artifact), prompt_ids, max_new_tokens, eos_ids)
+        result["runtime"] = self.runtime
+        return result
+
+    def artifact_files(self, folder: Path) -> list[Path]:
+        from exporter.backends.executorch.runtime import executorch_data_file
+
+        data = executorch_data_file(folder / self.artifact)
+        return [folder / self.artifact, *([data] if data else [])]

@@ -1,0 +1,65 @@
+"""The one greedy loop, over any ``Session`` (``exporter.backends.base.Session``): an artifact in its runtime, or
+the eager model itself (``EagerSession``), so expected and actual tokens come from the same code."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+
+class EagerSession:
+    """A ``Session`` over an eager transformers model: every step recomputes the whole sequence without a cache
+    (the reference numerics: nothing cached, nothing exported)."""
+
+    max_seq_len = 1 << 30
+
+    def __init__(self, model):
+        self.model = model
+        self.sequence: list[int] = []
+
+    def reset(self) -> None:
+        self.sequence = []
+
+    @torch.no_grad()
+    def step(self, token_ids: list[int], start_pos: int) -> np.ndarray:
+        if start_pos != len(self.sequence):
+            raise ValueError(f"eager session holds {len(self.sequence)} tokens, step starts at {start_pos}")
+        self.sequence += list(token_ids)
+        return eager_logits(self.model, self.sequence)[-len(token_ids):]
+
+
+def eager_logits(model, ids: list[int]) -> np.ndarray:
+    """``[len(ids), V]`` float32 logits of one no-cache forward of ``model`` over ``ids``."""
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+def greedy_generate(session, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict:
+    """Greedy decoding on ``session`` from a fresh sequence, stopping after an eos id (kept) or ``max_new_tokens``
+    (capped by the cache); returns the tokens and prefill / decode speed (tokens per second)."""
+    session.reset()
+    budget = min(max_new_tokens, session.max_seq_len - len(prompt_ids))
+    start = time.perf_counter()
+    logits = session.step(prompt_ids, 0)
+    prefill_s = time.perf_counter() - start
+    generated = [int(np.argmax(logits[-1]))]
+    decode_start = time.perf_counter()
+    while len(generated) < budget and generated[-1] not in eos_ids:
+        logits = session.step([generated[-1]], len(prompt_ids) + len(generated) - 1)
+        generated.append(int(np.argmax(logits[-1])))
+    decode_s = time.perf_counter() - decode_start
+    decode_steps = len(generated) - 1
+    return {
+        "tokens": generated,
+        "prefill_s": prefill_s,
+        "prefill_tokens_per_s": len(prompt_ids) / prefill_s if prefill_s > 0 else None,
+        "decode_tokens_per_s": decode_steps / decode_s if decode_steps and decode_s > 0 else None,
+    }
+
+
+def eager_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
+    """Eager greedy continuation (stops after an eos id): the expectation for runner-level checks."""
+    return greedy_generate(EagerSession(model), list(prompt_ids), max_new_tokens, eos_ids)["tokens"]
