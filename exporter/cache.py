@@ -13,6 +13,9 @@ Layer kinds:
   arithmetically from the first position (memory stays bounded, generation continues past the window).
 
 - dynamic (ONNX ``--onnx-cache dynamic``): ``ConcatKVLayer`` appends this step's states to the past it was given.
+- state layers (convolution / SSM / linear attention): fixed-shape state tensors, ``exporter.state_cache``; layers
+  holding both (``hybrid``: Falcon-H1) are ``PositionedHybridLayer``s; layers without any cache (``dummy``: MoE or
+  MLP-only layers) hold nothing.
 
 Write modes: in place (``index_copy_`` on registered buffers, ExecuTorch) or functional (``index_copy``, ONNX,
 where the cache is a graph input/output).
@@ -25,9 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DummyLayer, DynamicCache, LinearAttentionCacheLayerMixin
 
 from exporter.checkpoint import LayerSpec
+from exporter.state_cache import StateLayer, StatePlan, state_plan
 from masks import ring_slot_positions
 
 INVALID_POSITION = -(1 << 30)  # position given to never-written ring slots: fails every causal/window predicate
@@ -35,14 +39,20 @@ INVALID_POSITION = -(1 << 30)  # position given to never-written ring slots: fai
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """How one decoder layer's cache is laid out."""
+    """How one decoder layer's cache is laid out: a KV cache (``key_shape`` set), a state (``state`` set), both
+    (``hybrid`` layers) or nothing (``dummy`` layers)."""
 
-    key_shape: tuple[int, int, int, int]  # [B, KVH, length, D]
-    value_shape: tuple[int, int, int, int]
-    dtype: torch.dtype
+    key_shape: tuple[int, int, int, int] | None  # [B, KVH, length, D]
+    value_shape: tuple[int, int, int, int] | None
+    dtype: torch.dtype | None
     window: int | None  # ring size W, or None for a full-length cache
     sliding: bool  # the model builds this layer's mask with a sliding/chunked mask creator
     type: str  # the layer's type in the checkpoint's plan (``LayerSpec.type``)
+    state: StatePlan | None = None  # conv / recurrent state (``exporter.state_cache``)
+
+    @property
+    def has_kv(self) -> bool:
+        return self.key_shape is not None
 
 
 class PositionedKVLayer(CacheLayerMixin):
@@ -129,28 +139,119 @@ class RingKVLayer(PositionedKVLayer):
         return self.window
 
 
+class PositionedHybridLayer(PositionedKVLayer, StateLayer):
+    """A layer holding a full-length KV cache and a state (transformers' ``hybrid`` layers: attention and an SSM
+    side by side, Falcon-H1)."""
+
+    def __init__(self, keys, values, owner, sliding: bool, conv: torch.Tensor, recurrent: torch.Tensor | None):
+        PositionedKVLayer.__init__(self, keys, values, owner, sliding=sliding)
+        self.attach_state(conv, recurrent)
+
+
 class PositionedCache(Cache):
-    """A transformers ``Cache`` over given tensors, laid out by ``plan``; call ``set_positions`` before a forward."""
+    """A transformers ``Cache`` over given tensors, laid out by ``plan``; call ``set_positions`` before a forward.
+
+    ``keys`` / ``values``: per layer (None where the layer has no KV cache); ``states``: per layer ``(conv,
+    recurrent)`` or None, for plans with state layers (``exporter.state_cache``: a forward at position 0 reads them
+    as zeros; their updated tensors are ``layer.state_tensors()``).
+    """
+
+    full_layer, ring_layer, hybrid_layer = PositionedKVLayer, RingKVLayer, PositionedHybridLayer
 
     def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], plan: list[LayerPlan],
-                 functional: bool):
+                 functional: bool, states: list | None = None):
         self.functional = functional
         self.positions: torch.Tensor | None = None
+        super().__init__(layers=self.make_layers(keys, values, plan, states))
+
+    def make_layers(self, keys, values, plan: list[LayerPlan], states: list | None) -> list:
+        """One cache layer per planned layer, of this cache's layer classes."""
+        states = states or [None] * len(plan)
         layers = []
-        for k, v, layer in zip(keys, values, plan):
-            if layer.window is None:
-                layers.append(PositionedKVLayer(k, v, self, sliding=layer.sliding))
+        for k, v, layer, state in zip(keys, values, plan, states):
+            if layer.has_kv and layer.state is not None:
+                if layer.window is not None:
+                    raise NotImplementedError("a windowed layer with a state beside its KV cache")
+                layers.append(self.hybrid_layer(k, v, self, layer.sliding, *state))
+            elif layer.state is not None:
+                layers.append(StateLayer(*state))
+            elif not layer.has_kv:
+                layers.append(DummyLayer())
+            elif layer.window is None:
+                layers.append(self.full_layer(k, v, self, sliding=layer.sliding))
             else:
-                layers.append(RingKVLayer(k, v, self, layer.window))
-        super().__init__(layers=layers)
+                layers.append(self.ring_layer(k, v, self, layer.window))
+        return layers
 
     def set_positions(self, positions: torch.Tensor) -> None:
-        """``positions [S]`` int64: the absolute positions of this forward's tokens (contiguous, increasing)."""
+        """``positions [S]`` int64: the absolute positions of this forward's tokens (contiguous, increasing). A
+        forward at position 0 starts a new sequence: state layers read their state as zeros."""
         self.positions = positions
+        state_layers = self.state_layers()
+        if state_layers:
+            new_sequence = positions[0] == 0
+            for layer in state_layers:
+                layer.start_sequence(new_sequence)
+
+    def state_layers(self) -> list[StateLayer]:
+        return [layer for layer in self.layers if isinstance(layer, StateLayer)]
 
     def key_value_tensors(self) -> list[torch.Tensor]:
         """Flat ``[k0, v0, k1, v1, ...]`` as currently held (the updated tensors in functional mode)."""
         return [t for layer in self.layers for t in (layer.keys, layer.values)]
+
+    def present_tensors(self) -> list[torch.Tensor]:
+        """Per layer in order: its keys and values (if any), then its conv and recurrent state (if any), as
+        currently held: the order of ``past_tensors`` / ``split_past``."""
+        out = []
+        for layer in self.layers:
+            if isinstance(layer, CacheLayerMixin) and layer.keys is not None:
+                out += [layer.keys, layer.values]
+            if isinstance(layer, StateLayer):
+                out += layer.state_tensors()
+        return out
+
+    def get_seq_length(self, layer_idx: int = 0):
+        """Position of this forward's first token (a 0-d tensor). Asked of a layer without KV (a state layer tracks
+        no positions; a cache without attention layers has no other layer to ask): ``positions[0]`` itself."""
+        if layer_idx < len(self.layers) and not isinstance(self.layers[layer_idx], CacheLayerMixin):
+            return self.positions[0]
+        return super().get_seq_length(layer_idx)
+
+    def get_query_offset(self, layer_idx: int = 0):
+        return self.get_seq_length(layer_idx)
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int):
+        """The asked layer's mask sizes; for a layer without KV, the first KV layer's (a cache with none: the
+        query alone, a mask nothing reads)."""
+        if layer_idx < len(self.layers) and not isinstance(self.layers[layer_idx], CacheLayerMixin):
+            kv = [i for i, layer in enumerate(self.layers) if isinstance(layer, CacheLayerMixin)]
+            if not kv:
+                return query_length, 0
+            layer_idx = kv[0]
+        return super().get_mask_sizes(query_length, layer_idx)
+
+
+def split_past(plan: list[LayerPlan], tensors) -> tuple[list, list, list | None]:
+    """``(keys, values, states)`` per layer from the flat ``present_tensors`` order (None where a layer has no
+    such tensor; ``states`` None when no layer has a state)."""
+    tensors = list(tensors)
+    if all(layer.has_kv and layer.state is None for layer in plan):
+        return tensors[0::2], tensors[1::2], None
+    keys, values, states, position = [], [], [], 0
+    for layer in plan:
+        kv = tensors[position:position + 2] if layer.has_kv else [None, None]
+        position += 2 if layer.has_kv else 0
+        keys.append(kv[0])
+        values.append(kv[1])
+        state = None
+        if layer.state is not None:
+            count = 1 if layer.state.recurrent_shape is None else 2
+            found = tensors[position:position + count]
+            state = (found[0], found[1] if count == 2 else None)
+            position += count
+        states.append(state)
+    return keys, values, states
 
 
 class ConcatKVLayer(PositionedKVLayer):
@@ -184,7 +285,8 @@ def cache_plan(model, layers: Sequence[LayerSpec], batch_size: int, max_len: int
     by the mask alone).
 
     Shapes come from one eager step with a DynamicCache, so per-layer head counts / head dims need no
-    family-specific config reading.
+    family-specific config reading. Convolution / SSM / linear-attention layers get a ``state`` (its shapes from
+    the same step), layers without any cache (``dummy``) neither KV nor state.
     """
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
@@ -193,14 +295,19 @@ def cache_plan(model, layers: Sequence[LayerSpec], batch_size: int, max_len: int
         raise NotImplementedError(f"cache has {len(cache.layers)} layers for {len(layers)} layer types")
     plan = []
     for layer, spec in zip(cache.layers, layers):
-        if not isinstance(layer, CacheLayerMixin) or layer.keys is None or spec.type == "dummy":
-            raise NotImplementedError(f"layer type {spec.type!r} ({type(layer).__name__}) has no KV cache to export")
+        state = state_plan(layer, batch_size) if isinstance(layer, LinearAttentionCacheLayerMixin) else None
+        has_kv = isinstance(layer, CacheLayerMixin) and layer.keys is not None
+        if not has_kv:
+            if state is None and not isinstance(layer, DummyLayer):
+                raise NotImplementedError(f"layer type {spec.type!r} ({type(layer).__name__}) has no cache to export")
+            plan.append(LayerPlan(None, None, None, None, False, spec.type, state))
+            continue
         window = spec.window if spec.windowed else None
         ring = window if rings and window is not None and window < max_len else None
         length = max_len if ring is None else ring + 1
         k, v = layer.keys.shape, layer.values.shape
         plan.append(LayerPlan((batch_size, k[1], length, k[3]), (batch_size, v[1], length, v[3]),
-                              layer.keys.dtype, ring, spec.windowed, spec.type))
+                              layer.keys.dtype, ring, spec.windowed, spec.type, state))
     return plan
 
 
@@ -209,6 +316,9 @@ def pad_values_to_key_dim(plan: list[LayerPlan]) -> list[LayerPlan]:
     attention: DeepSeek-V2/V3, GLM-4 MoE Lite...). ONNX Runtime GenAI allocates past/present with one head size."""
     padded = []
     for layer in plan:
+        if not layer.has_kv:
+            padded.append(layer)
+            continue
         (b, kvh, length, dk), (vb, vh, vlen, dv) = layer.key_shape, layer.value_shape
         if dv < dk and vh == kvh:
             layer = dataclasses.replace(layer, value_shape=(vb, vh, vlen, dk))
@@ -217,7 +327,28 @@ def pad_values_to_key_dim(plan: list[LayerPlan]) -> list[LayerPlan]:
 
 
 def empty_cache_tensors(plan: list[LayerPlan]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Zero-filled key and value tensors for ``plan``."""
-    keys = [torch.zeros(layer.key_shape, dtype=layer.dtype) for layer in plan]
-    values = [torch.zeros(layer.value_shape, dtype=layer.dtype) for layer in plan]
+    """Zero-filled key and value tensors for ``plan`` (None for layers without a KV cache)."""
+    keys = [torch.zeros(layer.key_shape, dtype=layer.dtype) if layer.has_kv else None for layer in plan]
+    values = [torch.zeros(layer.value_shape, dtype=layer.dtype) if layer.has_kv else None for layer in plan]
     return keys, values
+
+
+def empty_state_tensors(plan: list[LayerPlan]) -> list[tuple[torch.Tensor, torch.Tensor | None] | None]:
+    """Zero ``(conv, recurrent or None)`` per layer of ``plan`` (None for layers without a state)."""
+    return [layer.state.tensors() if layer.state is not None else None for layer in plan]
+
+
+def has_state(plan: list[LayerPlan]) -> bool:
+    """Whether any layer of ``plan`` holds a state or no cache at all (the plan is not attention-only)."""
+    return any(layer.state is not None or not layer.has_kv for layer in plan)
+
+
+def past_tensors(plan: list[LayerPlan], keys, values, states) -> list[torch.Tensor]:
+    """The flat per-layer order of ``split_past`` / ``PositionedCache.present_tensors``."""
+    out = []
+    for i, layer in enumerate(plan):
+        if layer.has_kv:
+            out += [keys[i], values[i]]
+        if layer.state is not None:
+            out += [t for t in states[i] if t is not None]
+    return out

@@ -4,6 +4,11 @@ Non-strict capture: the cache buffers are registered on the wrapper, so their in
 buffer mutations; strict (dynamo) capture gives the [1, S] input a free symbolic stride that ExecuTorch memory
 planning cannot resolve ("vr must not be None"). Guards the symbolic solver cannot prove for every S in range
 (e.g. Llama 4's MoE reshape) become runtime asserts instead of failing the export.
+
+The example sequence length is 2, never 1: transformers' state-layer mixers branch on ``seq_len == 1`` (a
+single-token kernel); with an example of 2 that test is false, its guard is suppressed, and the graph keeps the
+general (chunked / continue-from-state) path, which is exact for one token too. What the state kernels computed is
+recorded on the wrapper (``wrapper.state_kernels``, ``exporter.state_kernels.recording``).
 """
 
 from __future__ import annotations
@@ -13,18 +18,24 @@ import warnings
 import torch
 from torch.export import Dim, ExportedProgram
 
+from exporter import state_kernels
+
 
 def _export(module, args, dynamic_shapes) -> ExportedProgram:
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), state_kernels.recording() as kernels:
         warnings.simplefilter("ignore")
-        return torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
-                                   prefer_deferred_runtime_asserts_over_guards=True)
+        program = torch.export.export(module, args, dynamic_shapes=dynamic_shapes, strict=False,
+                                      prefer_deferred_runtime_asserts_over_guards=True)
+    if kernels:
+        module.state_kernels = kernels
+    return program
 
 
-def export_buffer_decoder(wrapper, max_seq_len: int) -> ExportedProgram:
-    """Export ``BufferCacheDecoder.forward(tokens [1,S], input_pos [S])`` with S in [1, max_seq_len]."""
-    seq = Dim("seq_len", min=1, max=max_seq_len)
-    example_len = min(2, max_seq_len)
+def export_buffer_decoder(wrapper, max_chunk: int) -> ExportedProgram:
+    """Export ``BufferCacheDecoder.forward(tokens [1,S], input_pos [S])`` with S in [1, max_chunk] (the longest
+    forward; a longer prompt is fed in chunks at increasing start positions)."""
+    seq = Dim("seq_len", min=1, max=max_chunk)
+    example_len = min(2, max_chunk)
     tokens = torch.zeros(1, example_len, dtype=torch.long)
     input_pos = torch.arange(example_len, dtype=torch.long)
     program = _export(wrapper, (tokens, input_pos), {"tokens": {1: seq}, "input_pos": {0: seq}})

@@ -11,6 +11,7 @@ latent attention) and model classes that do not route attention through ``Attent
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -20,19 +21,23 @@ from attention import executorch_custom_ops
 from exporter.backends.executorch.lower import WEIGHTS_TAG, lower_to_pte, runner_metadata
 from exporter.backends.executorch.quantize import quantize_model
 from exporter.backends.executorch.wrapper import BufferCacheDecoder
-from exporter.cache import cache_plan
+from exporter.backends.executorch.state import executorch_state_kernels
+from exporter.cache import cache_plan, has_state
 from exporter.capture import export_buffer_decoder
 from exporter.checkpoint import Checkpoint
 from exporter.progress import Progress
 from exporter.quiet import native_output_captured
+from exporter.verification.plan import prefill_chunk
 
 
 def custom_ops_blocker(model, plan) -> str | None:
     """Why the custom-op path cannot take ``model`` (None when it can)."""
-    if not getattr(model, "_supports_attention_backend", False):
+    # hybrid models with state layers (Qwen3.5, Falcon-H1) call AttentionInterface without declaring it: for
+    # them the probe (probe_custom_ops) is the check
+    if not getattr(model, "_supports_attention_backend", False) and not has_state(plan):
         return f"{type(model).__name__} does not route attention through AttentionInterface"
     for layer in plan:
-        if layer.key_shape[1::2] != layer.value_shape[1::2]:
+        if layer.has_kv and layer.key_shape[1::2] != layer.value_shape[1::2]:
             return "keys and values differ in shape (llama::custom_sdpa needs one head size)"
     return None
 
@@ -70,8 +75,9 @@ def build_executorch(recipe, model, checkpoint: Checkpoint, max_seq_len: int, st
     if custom_ops:
         # before any cast or quantization: the probe compares the attention paths, and int8 activations or float16
         # would round them apart (measured: 0.03 on an 8da4w SmolLM2 shape, which sent it to the slow path)
-        blocker = (custom_ops_blocker(model, cache_plan(model, layers, 1, max_seq_len))
-                   or probe_custom_ops(model, layers, max_seq_len))
+        with executorch_state_kernels():
+            blocker = (custom_ops_blocker(model, cache_plan(model, layers, 1, max_seq_len))
+                       or probe_custom_ops(model, layers, max_seq_len))
         if blocker:
             progress.note(f"ExecuTorch custom ops not used: {blocker}")
             details["custom_ops_fallback"] = blocker
@@ -87,12 +93,15 @@ def build_executorch(recipe, model, checkpoint: Checkpoint, max_seq_len: int, st
         details["quantization"] = summary.as_dict()
     details["attention"] = "executorch_custom_ops" if custom_ops else "export_safe"
     implementation = executorch_custom_ops.register() if custom_ops else model.config._attn_implementation
-    with attention.switched(model, implementation):  # the model may be shared with the next recipe
+    kernels = executorch_state_kernels() if custom_ops else contextlib.nullcontext()  # state layers' custom ops
+    with attention.switched(model, implementation), kernels:  # the model may be shared with the next recipe
         with progress.stage("capture", f"torch.export for {recipe.name}"):
             wrapper = BufferCacheDecoder(model, layers, max_seq_len, custom_ops=custom_ops).eval()
-            program = export_buffer_decoder(wrapper, max_seq_len)
+            program = export_buffer_decoder(wrapper, prefill_chunk(max_seq_len))
+    details.update(wrapper.state_details())  # state layers: buffers, the input_pos rule, prefill kernels
     ids = checkpoint.special_ids
-    metadata = runner_metadata(checkpoint.vocab_size, max_seq_len, ids.eos, ids.bos, use_sdpa_with_kv_cache=custom_ops)
+    metadata = runner_metadata(checkpoint.vocab_size, prefill_chunk(max_seq_len), max_seq_len, ids.eos, ids.bos,
+                               use_sdpa_with_kv_cache=custom_ops)
     with progress.stage("lower", f"ExecuTorch {recipe.backend} ({recipe.name})"), native_output_captured():
         data = lower_to_pte(program, metadata, quantized=quantized,
                             weights_dir=staging if recipe.external_weights else None)

@@ -1,7 +1,8 @@
 """KV cache layers for ExecuTorch's LLM custom ops: ``[B, length, KVH, D]`` buffers (sequence on dim 1, the layout
 ``llama::update_cache`` / ``llama::custom_sdpa`` require) written in place by the custom op, no functional copy.
 
-Same layer plan as ``exporter.cache`` (``cache_plan``): full-length layers and window-sized rings, only transposed.
+Same layer plan as ``exporter.cache`` (``cache_plan``): full-length layers and window-sized rings, only transposed;
+state layers (``exporter.state_cache``) and the KV side of ``hybrid`` layers as there.
 
 Facts (executorch 1.5.1, measured on the installed kernels):
 - ``llama::update_cache(Tensor value, Tensor(a!) cache, SymInt start_pos) -> Tensor``: ``value [B, S, KVH, D]``,
@@ -26,7 +27,10 @@ from __future__ import annotations
 import torch
 
 from attention.executorch_custom_ops import load_custom_ops
-from exporter.cache import LayerPlan, PositionedCache, PositionedKVLayer, RingKVLayer
+from exporter.cache import LayerPlan, PositionedCache, PositionedHybridLayer, PositionedKVLayer, RingKVLayer
+
+# the attention a plan type's layer runs (``hybrid`` layers: full causal attention beside the state)
+ATTENTION_TYPES = {"hybrid": "full_attention"}
 
 
 class ExecuTorchKVLayer(PositionedKVLayer):
@@ -67,31 +71,37 @@ class ExecuTorchRingLayer(RingKVLayer):
         return all_keys, all_values
 
 
+class ExecuTorchHybridLayer(ExecuTorchKVLayer, PositionedHybridLayer):
+    """``ExecuTorchKVLayer`` with a state beside it (``hybrid`` layers)."""
+
+
 class ExecuTorchCache(PositionedCache):
     """``PositionedCache`` over ``[B, length, KVH, D]`` tensors; ``set_positions`` also reads ``start_pos``."""
 
-    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], plan: list[LayerPlan], max_len: int):
+    full_layer, ring_layer, hybrid_layer = ExecuTorchKVLayer, ExecuTorchRingLayer, ExecuTorchHybridLayer
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], plan: list[LayerPlan], max_len: int,
+                 states: list | None = None):
         load_custom_ops()
         self.functional = False
         self.positions = None
         self.start_pos = None
         self.plan = plan
         self.max_len = max_len  # positions never reach it (rings are shorter, full-length layers are this long)
-        layers = []
-        for k, v, layer in zip(keys, values, plan):
-            if layer.window is None:
-                layers.append(ExecuTorchKVLayer(k, v, self, sliding=layer.sliding))
-            else:
-                layers.append(ExecuTorchRingLayer(k, v, self, layer.window))
-        super(PositionedCache, self).__init__(layers=layers)
+        super(PositionedCache, self).__init__(layers=self.make_layers(keys, values, plan, states))
 
     def layer_type(self, layer_idx: int | None) -> str | None:
-        """The plan's type of decoder layer ``layer_idx`` (``full_attention``...), None for an unknown layer."""
-        return self.plan[layer_idx].type if layer_idx is not None else None
+        """The attention type of decoder layer ``layer_idx`` (the plan's type: ``full_attention``...; a ``hybrid``
+        layer's attention is ``full_attention``), None for an unknown layer."""
+        if layer_idx is None:
+            return None
+        kind = self.plan[layer_idx].type
+        return ATTENTION_TYPES.get(kind, kind)
 
     def set_positions(self, positions: torch.Tensor) -> None:
-        """``positions [S]`` int64, consecutive; ``positions[0]`` becomes the graph's one ``start_pos`` SymInt."""
-        self.positions = positions
+        """``positions [S]`` int64, consecutive; ``positions[0]`` becomes the graph's one ``start_pos`` SymInt.
+        A forward at position 0 starts a new sequence (state layers read zeros)."""
+        super().set_positions(positions)
         start = positions[0].item()
         torch._check(start >= 0)
         torch._check(start + positions.shape[0] <= self.max_len)
@@ -99,9 +109,14 @@ class ExecuTorchCache(PositionedCache):
 
 
 def bshd_cache_tensors(plan: list[LayerPlan], dtype: torch.dtype | None = None):
-    """Zero ``[B, length, KVH, D]`` key and value tensors for ``plan`` (its shapes are ``[B, KVH, length, D]``)."""
+    """Zero ``[B, length, KVH, D]`` key and value tensors for ``plan`` (its shapes are ``[B, KVH, length, D]``;
+    None for layers without a KV cache)."""
     keys, values = [], []
     for layer in plan:
+        if not layer.has_kv:
+            keys.append(None)
+            values.append(None)
+            continue
         (b, kvh, length, dk), (_, vh, _, dv) = layer.key_shape, layer.value_shape
         if (kvh, dk) != (vh, dv):
             raise NotImplementedError("llama::custom_sdpa needs keys and values of one shape (no MLA)")

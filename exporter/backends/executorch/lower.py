@@ -18,12 +18,14 @@ from torch.export import ExportedProgram
 from exporter.backends.executorch import lowering_speedups
 
 
-def runner_metadata(vocab_size: int, max_seq_len: int, eos_ids: list[int], bos_id: int | None,
+def runner_metadata(vocab_size: int, max_chunk: int, max_context: int, eos_ids: list[int], bos_id: int | None,
                     use_sdpa_with_kv_cache: bool = False) -> dict:
-    """Constant methods ExecuTorch's ``TextLLMRunner`` reads (see shared notes on runtime contracts)."""
+    """Constant methods ExecuTorch's ``TextLLMRunner`` reads (see shared notes on runtime contracts):
+    ``get_max_seq_len`` is the longest forward (the runner splits longer prompts), ``get_max_context_len`` the KV
+    cache length."""
     metadata = {
-        "get_max_seq_len": max_seq_len,
-        "get_max_context_len": max_seq_len,
+        "get_max_seq_len": max_chunk,
+        "get_max_context_len": max_context,
         "get_vocab_size": int(vocab_size),
         "get_eos_ids": list(eos_ids),
         "use_kv_cache": True,

@@ -17,7 +17,6 @@ different head sizes, non-causal) keep the export_safe path; models whose class 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ import torch
 import attention
 from attention import onnxruntime_contrib_ops
 from exporter.backends.onnx.fusions import fuse_onnx_file
-from exporter.backends.onnx.genai import genai_config
+from exporter.backends.onnx.genai_state import write_genai_config
 from exporter.backends.onnx.lower import export_onnx
 from exporter.backends.onnx.qembedding import quantize_onnx_embeddings
 from exporter.backends.onnx.quantize import BITS, quantize_onnx
@@ -62,7 +61,7 @@ def build_onnx(recipe, model, checkpoint: Checkpoint, max_seq_len: int, staging:
         with progress.stage("capture", f"torch.export for {recipe.name} ({recipe.kv_cache} cache)"):
             program = (export_concat_decoder if dynamic else export_io_decoder)(wrapper)
         with progress.stage("lower", f"torch.onnx.export dynamo ({recipe.name})"):
-            export_onnx(program, wrapper.num_layers, max_seq_len, staging / NAME, translation_table=table)
+            export_onnx(program, wrapper.plan, max_seq_len, staging / NAME, translation_table=table)
             del program
     if recipe.quantization != "none":
         with progress.stage("quantize", f"MatMulNBits {recipe.quantization}, block size {recipe.group_size}"):
@@ -75,12 +74,8 @@ def build_onnx(recipe, model, checkpoint: Checkpoint, max_seq_len: int, staging:
         block = recipe.group_size or 32
         with progress.stage("qembed", f"GatherBlockQuantized embedding, {bits} bits, block size {block}"):
             details.update(quantize_onnx_embeddings(model, staging / NAME, bits, block))
-    past = wrapper.empty_past()
-    kv_heads, head_dim = past[0].shape[1], past[0].shape[3]
-    ids = checkpoint.special_ids
-    genai = genai_config(checkpoint.config, max_seq_len, wrapper.num_layers, kv_heads, head_dim, ids.bos, ids.eos,
-                         ids.pad, share_buffer=not dynamic)
-    (staging / "genai_config.json").write_text(json.dumps(genai, indent=2) + "\n")
+    details.update(wrapper.state_details())  # state layers: their graph I/O, the input_pos rule, prefill kernels
+    details.update(write_genai_config(staging, checkpoint, wrapper.plan, max_seq_len, share_buffer=not dynamic))
     return details
 
 

@@ -7,6 +7,11 @@
 - ``GQACacheDecoder``: ``IOCacheDecoder``'s interface with attention and cache writes in onnxruntime's
   ``GroupQueryAttention`` (``attention.onnxruntime_contrib_ops``).
 See ``exporter.cache`` for the per-layer layouts.
+
+State layers (convolution / SSM / linear attention, ``exporter.state_cache``; static cache only): their state is
+passed in and returned beside the KV cache, per layer in order (a layer's keys and values, then its conv and
+recurrent state: ``exporter.cache.split_past``). Their names are in ``exporter.backends.onnx.lower``. This step's
+first position is ``T - S``; at position 0 the states read as zeros (a new sequence).
 """
 
 from __future__ import annotations
@@ -18,11 +23,23 @@ from torch import nn
 
 from attention.onnxruntime_contrib_ops import CACHE_KWARG
 from exporter.cache import (ConcatCache, PositionedCache, PositionedKVLayer, cache_plan, empty_cache_tensors,
-                            pad_values_to_key_dim)
+                            empty_state_tensors, has_state, pad_values_to_key_dim, past_tensors, split_past)
 from exporter.checkpoint import LayerSpec
+from exporter.state_cache import state_details
 
 
-class IOCacheDecoder(nn.Module):
+class StateDetails:
+    """``state_details()`` for the ONNX wrappers: graph names of the states, ``input_pos`` rule, prefill kernels."""
+
+    plan: list
+    state_kernels: dict = {}  # how the state kernels computed, set by the capture
+
+    def state_details(self) -> dict:
+        """Build details of the state layers (``{}`` without any)."""
+        return state_details(self.plan, self.state_kernels, lambda i: (f"past.{i}.conv", f"past.{i}.recurrent"))
+
+
+class IOCacheDecoder(StateDetails, nn.Module):
     """Decoder whose static cache is passed in and returned (functional writes).
 
     Every layer's cache is full length, windowed layers included (their window is applied by the mask), and value
@@ -39,20 +56,36 @@ class IOCacheDecoder(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past_key_values):
         seq_len, total_len = input_ids.shape[1], attention_mask.shape[1]
-        cache = PositionedCache(list(past_key_values[0::2]), list(past_key_values[1::2]), self.plan, functional=True)
+        if has_state(self.plan):
+            keys, values, states = split_past(self.plan, past_key_values)
+            cache = PositionedCache(keys, values, self.plan, functional=True, states=states)
+        else:
+            cache = PositionedCache(list(past_key_values[0::2]), list(past_key_values[1::2]), self.plan,
+                                    functional=True)
         cache.set_positions(torch.arange(seq_len, device=input_ids.device) + (total_len - seq_len))
         out = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
         )
+        if has_state(self.plan):
+            return (out.logits, *cache.present_tensors())
         return (out.logits, *cache.key_value_tensors())
 
     def empty_past(self, batch_size: int = 1) -> list[torch.Tensor]:
-        """Zero past tensors ``[k0, v0, k1, v1, ...]`` for a fresh sequence."""
-        keys, values = empty_cache_tensors(self.plan)
+        """Zero past tensors for a fresh sequence: ``[k0, v0, k1, v1, ...]``, with state layers' conv / recurrent
+        states in their layer's place."""
+        return empty_past(self.plan, batch_size)
+
+
+def empty_past(plan, batch_size: int = 1) -> list[torch.Tensor]:
+    """Zero past tensors of ``plan`` in graph-input order (``exporter.cache.split_past``), batch ``batch_size``."""
+    keys, values = empty_cache_tensors(plan)
+    if not has_state(plan):
         return [t.expand(batch_size, *t.shape[1:]).contiguous() for pair in zip(keys, values) for t in pair]
+    flat = past_tensors(plan, keys, values, empty_state_tensors(plan))
+    return [t.expand(batch_size, *t.shape[1:]).contiguous() for t in flat]
 
 
-class ConcatCacheDecoder(nn.Module):
+class ConcatCacheDecoder(StateDetails, nn.Module):
     """Decoder with the dynamic (concatenating) cache contract of ONNX Runtime GenAI
     (``past_present_share_buffer: false``): ``forward(input_ids [B,S], attention_mask [B,P+S], position_ids [B,S],
     *past [B,KVH,P,D]) -> (logits [B,S,V], *present [B,KVH,P+S,D])``. This step's tokens take positions
@@ -64,6 +97,9 @@ class ConcatCacheDecoder(nn.Module):
         self.max_seq_len = max_seq_len
         self.plan = cache_plan(model, layers, 1, max_seq_len, rings=False)
         self.num_layers = len(self.plan)
+        if has_state(self.plan):
+            raise NotImplementedError("the dynamic (concatenating) cache takes attention layers only; state layers "
+                                      "need the static cache (kv_cache = \"static\")")
 
     def forward(self, input_ids, attention_mask, position_ids, *past_key_values):
         seq_len, past_len = input_ids.shape[1], past_key_values[0].shape[2]
@@ -101,8 +137,9 @@ class GQACache(PositionedCache):
     """``PositionedCache`` (functional writes at positions) whose planned layers are ``GQAKVLayer``s; carries the
     op's ``seqlens_k [B]`` int32 and ``total_sequence_length`` int32 scalar, derived from the attention mask."""
 
-    def __init__(self, keys, values, plan, windows: list[int | None | bool], seqlens_k, total_sequence_length):
-        super().__init__(keys, values, plan, functional=True)
+    def __init__(self, keys, values, plan, windows: list[int | None | bool], seqlens_k, total_sequence_length,
+                 states: list | None = None):
+        super().__init__(keys, values, plan, functional=True, states=states)
         for i, window in enumerate(windows):
             if window is not False:
                 layer = self.layers[i]
@@ -123,6 +160,9 @@ def gqa_routes(model, layers: Sequence[LayerSpec], plan) -> tuple[list[int | Non
                   if getattr(m, "is_causal", True) is False and getattr(m, "layer_idx", None) is not None}
     routes, reasons = [], {}
     for i, (layer, spec) in enumerate(zip(plan, layers)):
+        if not layer.has_kv:  # a state or dummy layer: no attention to route
+            routes.append(False)
+            continue
         if not getattr(model, "_supports_attention_backend", False):
             reason = f"{type(model).__name__} does not route attention through AttentionInterface"
         elif spec.type not in GQA_LAYER_TYPES:
@@ -141,7 +181,7 @@ def gqa_routes(model, layers: Sequence[LayerSpec], plan) -> tuple[list[int | Non
     return routes, reasons
 
 
-class GQACacheDecoder(nn.Module):
+class GQACacheDecoder(StateDetails, nn.Module):
     """``IOCacheDecoder``'s interface and graph I/O, with the cache write and attention of every layer that
     GroupQueryAttention can express done by ``attention.onnxruntime_contrib_ops`` (ORT's shared-buffer layout: past/present
     ``[B, KVH, max_seq_len, D]``, ``seqlens_k`` = mask row sum - 1, ``total_sequence_length`` = mask width). The
@@ -167,14 +207,15 @@ class GQACacheDecoder(nn.Module):
         seq_len, total_len = input_ids.shape[1], attention_mask.shape[1]
         seqlens_k = (attention_mask.sum(-1) - 1).to(torch.int32)
         total = torch.ops.aten.scalar_tensor(total_len, dtype=torch.int32)
-        cache = GQACache(list(past_key_values[0::2]), list(past_key_values[1::2]), self.plan, self.routes,
-                         seqlens_k, total)
+        keys, values, states = split_past(self.plan, past_key_values)
+        cache = GQACache(keys, values, self.plan, self.routes, seqlens_k, total, states=states)
         cache.set_positions(torch.arange(seq_len, device=input_ids.device) + (total_len - seq_len))
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
                          use_cache=True, **{CACHE_KWARG: cache})
+        if has_state(self.plan):
+            return (out.logits, *cache.present_tensors())
         return (out.logits, *cache.key_value_tensors())
 
     def empty_past(self, batch_size: int = 1) -> list[torch.Tensor]:
-        """Zero past tensors ``[k0, v0, k1, v1, ...]`` for a fresh sequence."""
-        keys, values = empty_cache_tensors(self.plan)
-        return [t.expand(batch_size, *t.shape[1:]).contiguous() for pair in zip(keys, values) for t in pair]
+        """Zero past tensors for a fresh sequence (``IOCacheDecoder.empty_past``'s order)."""
+        return empty_past(self.plan, batch_size)
