@@ -1,4 +1,21 @@
-"""The two exception types the CLI reports on one line, and the one helper that makes that line."""
+"""The two exception types the CLI reports on one line, the one helper that makes that line, and the interrupt
+flag (a Ctrl-C / SIGTERM is never lost: native code that swallows the KeyboardInterrupt still leaves the flag)."""
+
+import threading
+
+INTERRUPTED = threading.Event()
+
+
+def interrupt(signum=None, frame=None):
+    """Signal handler for SIGINT / SIGTERM: set the flag, then unwind like Ctrl-C."""
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if an interrupt arrived (even one some library caught and dropped)."""
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
 
 
 class UserError(Exception):

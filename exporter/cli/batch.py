@@ -4,34 +4,68 @@ The file holds ``[[export]]`` tables with ``model`` and ``target`` (required) an
 a list of names), ``max_seq_len``, ``name`` (the sub-folder, default derived from the model) and the options of
 ``export-model``: ``group_size``, ``qembedding``, ``dtype``, ``onnx_cache``, ``external_weights``. Entries run one
 after the other; a failed entry does not stop the others. ``summary.json`` and a table report every entry.
+
+``--shard I/N`` runs entries I, I+N, I+2N... of the file (1-based positions): N jobs with I = 1..N (a CI matrix)
+run every entry exactly once, and ``export-model batch-merge`` combines their folders and summaries into what one
+unsharded run writes. ``summary.json`` names the batch file (and its sha256), the shard, and for every entry its
+position in the file and its folder relative to ``--output``.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import re
-import sys
 import time
 import tomllib
 from pathlib import Path
 
 from exporter import backends
-from exporter.cli.common import EXIT_FAILED, EXIT_OK, ArgumentParser, fail
+from exporter.cli.batch_merge import write_summary
+from exporter.cli.common import ArgumentParser, fail
 from exporter.cli.export import OPTIONS, apply_overrides, select_recipes
 from exporter.errors import ExportFailed, UserError
 from exporter.pipeline import ExportRequest, run_export
-from exporter.progress import Progress, table
+from exporter.progress import Progress
+from exporter.quiet import native_output_captured
 
 ENTRY_KEYS = {"model", "target", "recipe", "max_seq_len", "name", *OPTIONS}  # options: as the command-line flags
 
 
 def build_parser() -> ArgumentParser:
+    """The ``batch`` command line."""
     parser = ArgumentParser(prog="export-model batch", description="Run the exports listed in a TOML file.")
     parser.add_argument("file", type=Path, help="TOML file with [[export]] tables")
     parser.add_argument("--output", required=True, type=Path, help="folder that receives one sub-folder per entry")
     parser.add_argument("--force", action="store_true", help="replace existing entry folders once verified")
+    parser.add_argument("--force-memory", action="store_true",
+                        help="run entries whose estimated peak memory exceeds the memory available")
+    parser.add_argument("--shard", metavar="I/N", type=parse_shard,
+                        help="run only entries I, I+N, I+2N... of the file (1 <= I <= N), e.g. one job of a CI matrix")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     return parser
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> ``(I, N)`` with ``1 <= I <= N`` (argparse type: a bad value is a one-line usage error)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+    if not match or not 1 <= int(match[1]) <= int(match[2]):
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N with 1 <= I <= N, e.g. 2/3")
+    return int(match[1]), int(match[2])
+
+
+def shard_positions(count: int, shard: tuple[int, int] | None) -> list[int]:
+    """The 1-based positions of a ``count``-entry file that shard ``(I, N)`` runs (all without a shard)."""
+    if shard is None:
+        return list(range(1, count + 1))
+    index, shards = shard
+    return list(range(index, count + 1, shards))
+
+
+def batch_identity(path: Path, count: int) -> dict:
+    """What identifies a batch file in summaries (shards of one file must agree on it)."""
+    return {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "entries": count}
 
 
 def read_entries(path: Path) -> list[dict]:
@@ -71,11 +105,13 @@ def read_entries(path: Path) -> list[dict]:
 
 
 def default_name(entry: dict) -> str:
+    """An entry's folder name when it gives none: the model (without ``builtin:``) and the target."""
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", entry["model"].removeprefix("builtin:")).strip("-")
     return f"{base}-{entry['target']}"
 
 
 def cmd_batch(argv: list[str]) -> int:
+    """``export-model batch``: see the module docstring."""
     args = build_parser().parse_args(argv)
     try:
         entries = read_entries(args.file)
@@ -85,33 +121,31 @@ def cmd_batch(argv: list[str]) -> int:
     except OSError as exc:
         return fail(f"cannot create output folder {args.output} ({exc.strerror})")
     summary = []
-    for entry in entries:
-        progress = Progress(quiet=args.quiet)
-        if not args.quiet:
-            print(f"== {entry['name']}: {entry['model']} -> {entry['target']}", file=sys.stderr)
-        start = time.perf_counter()
-        record = {"name": entry["name"], "model": entry["model"], "target": entry["target"],
-                  "recipes": [r.name for r in entry["recipes"]], "folder": str(args.output / entry["name"])}
-        try:
+    for position in shard_positions(len(entries), args.shard):
+        summary.append(run_entry(entries[position - 1], position, args))
+    body = {"batch": batch_identity(args.file, len(entries))}
+    if args.shard:
+        body["shard"] = {"index": args.shard[0], "count": args.shard[1]}
+    return write_summary(args.output, {**body, "entries": summary})
+
+
+def run_entry(entry: dict, position: int, args) -> dict:
+    """Export one entry into ``args.output / name``; its summary record (status, folder relative to the output)."""
+    progress = Progress(quiet=args.quiet)
+    if not args.quiet:
+        print(f"== {entry['name']}: {entry['model']} -> {entry['target']}", file=progress.stream, flush=True)
+    start = time.perf_counter()
+    record = {"index": position, "name": entry["name"], "model": entry["model"], "target": entry["target"],
+              "recipes": [r.name for r in entry["recipes"]], "folder": entry["name"]}
+    try:
+        with native_output_captured():
             result = run_export(ExportRequest(model=entry["model"], recipes=entry["recipes"],
-                                              output=args.output / entry["name"],
-                                              max_seq_len=entry.get("max_seq_len"), force=args.force), progress)
-            record.update(status="passed" if result.passed else "failed", folder=str(result.output),
-                          artifacts={row[0]: {"size": row[2], "max_abs_diff": row[3], "top1": row[4],
-                                              "verification": row[5]} for row in result.rows})
-        except (UserError, ExportFailed) as exc:
-            record.update(status="error", message=str(exc))
-        record["seconds"] = round(time.perf_counter() - start, 1)
-        summary.append(record)
-    (args.output / "summary.json").write_text(json.dumps({"entries": summary}, indent=2) + "\n")
-    rows = []
-    for record in summary:
-        artifacts = record.get("artifacts", {})
-        rows.append([record["name"], record["status"], f"{record['seconds']:.1f}",
-                     ", ".join(f"{n} {a['size']}" for n, a in artifacts.items()) or "-",
-                     ", ".join(f"{a['max_abs_diff']}/{a['top1']}" for a in artifacts.values()) or
-                     record.get("message", "-")[:80]])
-    print(table(["entry", "status", "seconds", "sizes", "max |diff| / top-1 (or error)"], rows))
-    failed = [r["name"] for r in summary if r["status"] != "passed"]
-    print(f"\n{len(summary) - len(failed)} of {len(summary)} exports verified; summary in {args.output / 'summary.json'}")
-    return EXIT_FAILED if failed else EXIT_OK
+                                              output=args.output / entry["name"], max_seq_len=entry.get("max_seq_len"),
+                                              force=args.force, force_memory=args.force_memory), progress)
+        record.update(status="passed" if result.passed else "failed", folder=result.output.name,
+                      artifacts={row[0]: {"size": row[2], "max_abs_diff": row[3], "top1": row[4],
+                                          "verification": row[5]} for row in result.rows})
+    except (UserError, ExportFailed) as exc:
+        record.update(status="error", message=str(exc))
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    return record
