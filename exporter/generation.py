@@ -63,3 +63,27 @@ def greedy_generate(session, prompt_ids: list[int], max_new_tokens: int, eos_ids
 def eager_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
     """Eager greedy continuation (stops after an eos id): the expectation for runner-level checks."""
     return greedy_generate(EagerSession(model), list(prompt_ids), max_new_tokens, eos_ids)["tokens"]
+
+
+def compare_greedy(expected: list[int], actual: list[int], margin, allowed: float) -> dict:
+    """Compare two greedy continuations of the same prefix. Equal: passed. At the first difference, the reference
+    margin between the two tokens there (``margin(i, expected_token, actual_token)``, logits) decides: within
+    ``2 * allowed`` (the logit error verification allowed: either token is a correct greedy pick) the continuations
+    may legitimately part, and the check passes with the divergence recorded; beyond it, it fails. Lengths must
+    agree up to the first difference (both stop at the same eos)."""
+    for i, (want, got) in enumerate(zip(expected, actual)):
+        if want != got:
+            gap = float(margin(i, want, got))
+            tie = gap <= 2 * allowed
+            return {"matches": False, "diverged_at": i, "margin": gap, "near_tie": tie, "passed": tie}
+    same_length = len(expected) == len(actual)
+    return {"matches": same_length, "passed": same_length}
+
+
+def eager_margin(model):
+    """``margin(prefix_ids, a, b)``: |logit a - logit b| of ``model``'s next-token logits after ``prefix_ids``."""
+    def margin(prefix: list[int], a: int, b: int) -> float:
+        row = eager_logits(model, list(prefix))[-1]
+        return abs(float(row[a]) - float(row[b]))
+
+    return margin

@@ -1,4 +1,8 @@
-"""Keep native runtime chatter (ExecuTorch C++ logs, runner echo) out of the user's terminal."""
+"""Keep library chatter (ExecuTorch C++ logs, runner echo, progress bars, warnings) out of the user's terminal.
+
+The CLI runs each job with file descriptors 1 and 2 captured (``native_output_captured``); its own progress lines
+go to ``console()``, a copy of the original stderr taken before, so they are the only lines the user sees.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,19 @@ import sys
 import tempfile
 import warnings
 from contextlib import contextmanager
+
+
+_CONSOLE = None
+
+
+def console():
+    """A text stream on the process's original stderr (a duplicate of fd 2 taken on first use, before any
+    capture), for the lines the user should see while library output is captured."""
+    global _CONSOLE
+    if _CONSOLE is None:
+        _CONSOLE = os.fdopen(os.dup(2), "w", buffering=1, encoding=getattr(sys.stderr, "encoding", None) or "utf-8",
+                             errors="replace")
+    return _CONSOLE
 
 
 @contextmanager

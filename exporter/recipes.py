@@ -2,12 +2,15 @@
 
 A recipe says where an artifact runs (target, backend), with which numerics (dtype, weight quantization, group
 size, embedding quantization, attention kernel, ONNX cache contract, ONNX graph fusions, ExecuTorch weights in a
-separate ``model.ptd``) and how it is verified:
-- ``[verify]``: against the *matched* eager reference (fp32 eager for unquantized fp32 recipes; the eager model
-  quantized / cast the same way for the others): ``max_abs_diff`` and/or ``max_rel_diff`` (max abs diff over the
-  largest reference logit) and ``min_top1_agreement``, teacher-forced.
+separate ``model.ptd``) and how it is verified (``exporter.verification.compare``):
+- ``[verify]`` of an exact (fp32, unquantized) recipe: against a float64 forward of the checkpoint,
+  ``max_error_ratio`` (the artifact's max logit error in units of eager fp32's own error) and ``floor_ulps`` (added,
+  in ulps of the largest logit), ``min_top1_agreement`` on margin-safe positions;
+- ``[verify]`` of a quantized / reduced-precision recipe: against the *matched* eager reference (the eager model
+  quantized / cast the same way): ``max_abs_diff`` and/or ``max_rel_diff`` (max abs diff over the largest reference
+  logit) and ``min_top1_agreement``, teacher-forced;
 - ``[verify.fp32]`` (quantized / reduced-precision recipes only): against the fp32 eager model,
-  ``min_top1_agreement`` and ``max_mean_kl`` (mean KL(fp32 || artifact) over all checked positions, nats).
+  ``min_top1_agreement`` (pooled over all positions) and ``max_mean_kl`` (mean KL(fp32 || artifact) per stage, nats).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class Recipe:
     min_top1_agreement: float
     max_abs_diff: float | None = None
     max_rel_diff: float | None = None
+    max_error_ratio: float | None = None
+    floor_ulps: float | None = None
     group_size: int = 0
     embedding_quantization: str = "none"
     attention: str = "export_safe"
@@ -126,6 +131,8 @@ def _validate(data: dict, where: str) -> Recipe:
         external_weights=choice("external_weights", bool),
         max_abs_diff=field("max_abs_diff", float, verify, default=None),
         max_rel_diff=field("max_rel_diff", float, verify, default=None),
+        max_error_ratio=field("max_error_ratio", float, verify, default=None),
+        floor_ulps=field("floor_ulps", float, verify, default=None),
         min_top1_agreement=field("min_top1_agreement", float, verify),
         fp32_min_top1_agreement=field("min_top1_agreement", float, fp32, default=None),
         fp32_max_mean_kl=field("max_mean_kl", float, fp32, default=None),
@@ -138,12 +145,16 @@ def check(recipe: Recipe, where: str) -> Recipe:
     after command-line overrides. Returns ``recipe`` or raises UserError."""
     if recipe.max_seq_len < 2:
         raise UserError(f"recipe {where}: max_seq_len must be at least 2")
-    if recipe.max_abs_diff is None and recipe.max_rel_diff is None:
-        raise UserError(f"recipe {where}: [verify] needs max_abs_diff or max_rel_diff")
+    if recipe.exact and (recipe.max_error_ratio is None or recipe.floor_ulps is None):
+        raise UserError(f"recipe {where}: [verify] of an fp32 recipe needs max_error_ratio and floor_ulps "
+                        "(the allowance against the float64 reference)")
+    if not recipe.exact and recipe.max_abs_diff is None and recipe.max_rel_diff is None:
+        raise UserError(f"recipe {where}: [verify] of a quantized or reduced-precision recipe needs max_abs_diff or "
+                        "max_rel_diff (against the matched reference)")
     for value in (recipe.min_top1_agreement, recipe.fp32_min_top1_agreement):
         if value is not None and not 0.0 <= value <= 1.0:
             raise UserError(f"recipe {where}: [verify] thresholds out of range")
-    for value in (recipe.max_abs_diff, recipe.max_rel_diff, recipe.fp32_max_mean_kl):
+    for value in (recipe.max_abs_diff, recipe.max_rel_diff, recipe.fp32_max_mean_kl, recipe.max_error_ratio):
         if value is not None and value <= 0:
             raise UserError(f"recipe {where}: [verify] thresholds out of range")
     if recipe.group_size < 0:

@@ -139,7 +139,7 @@ def child_export_ours(job: dict) -> dict:
     staging.mkdir(parents=True)
     progress = Progress(quiet=True)
     details = pipeline.build_artifact(bench_recipe(job["recipe"], max_len), model, source, max_len, staging, progress)
-    phases.update({stage: seconds for stage, _, seconds in progress.timings})
+    phases.update({stage: seconds for stage, _, seconds, _ in progress.timings})
     os.replace(staging / "model.pte", job["out"])
     files = [job["out"]]
     if details.get("weights_file"):  # model.ptd goes beside the .pte under the same stem

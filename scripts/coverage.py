@@ -6,9 +6,9 @@ tokenizer (exactly like ``exporter.builtin.materialize``), and the folder is exp
 ``run_export`` call per target (``xnnpack-fp32`` and ``onnx-fp32``, ``max_seq_len=32``) so that a failure on one
 target does not hide the other.
 
-NOTE: ``exporter.checkpoint.read_config`` refuses model types outside ``exporter.support.SUPPORTED_MODEL_TYPES``.
-This script monkeypatches ``exporter.support.is_supported`` to return True inside its worker processes: the
-coverage run is exactly how families without a built-in get assessed. Nothing else in the project is changed.
+The results also go, per model type, to ``exporter/model_tiers.json`` (status per target, the run's date and the
+fingerprint of the sources): the data ``export-model`` reads to say which tier a model type is in
+(``exporter/tiers.py``, ``export-model models``).
 
 Results are kept per model type in ``docs/coverage.json`` (resumable: entries already present are skipped unless
 ``--rerun``); ``docs/coverage.md`` is generated from that JSON. Each model type runs in its own subprocess with a
@@ -384,9 +384,6 @@ def worker(model_type: str, out_path: Path) -> None:
     def save():
         out_path.write_text(json.dumps(result, indent=2) + "\n")
 
-    import exporter.support
-
-    exporter.support.is_supported = lambda model_type: True  # coverage assesses families without a built-in
     from exporter import recipes
     from exporter.errors import ExportFailed, UserError
     from exporter.pipeline import ExportRequest, run_export
@@ -566,8 +563,29 @@ def main(argv=None) -> int:
             todo = todo[:args.limit]
         run_all(todo, results, args.timeout, args.jobs)
     write_markdown(results, universe)
+    write_tiers(results)
     print(f"wrote {MD_PATH.relative_to(ROOT)} ({len([t for t in universe if t in results])}/{len(universe)} tried)")
     return 0
+
+
+TIERS_PATH = ROOT / "exporter" / "model_tiers.json"
+
+
+def write_tiers(results: dict) -> None:
+    """``exporter/model_tiers.json``: per model type, each target's status, the run's date, the sources'
+    fingerprint and (when not verified) the reason, for ``exporter.tiers``."""
+    tiers = {}
+    for model_type, entry in sorted(results.items()):
+        item = {target: (entry.get(target) or {}).get("status") for target in TARGETS}
+        item.update(date=(entry.get("started") or "")[:10], sources=entry.get("code"))
+        notes = [f"{target}: {entry[target]['note']}" for target in TARGETS
+                 if isinstance(entry.get(target), dict) and entry[target].get("note")
+                 and entry[target].get("status") != VERIFIED]
+        if notes:
+            item["note"] = "; ".join(notes)[:300]
+        tiers[model_type] = item
+    TIERS_PATH.write_text(json.dumps({"written_by": "scripts/coverage.py", "model_types": tiers}, indent=1,
+                                     sort_keys=True) + "\n")
 
 
 def run_all(todo: list[str], results: dict, timeout: float, jobs: int) -> None:

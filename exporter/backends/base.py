@@ -56,8 +56,15 @@ class Backend:
         (same quantized weights, same rounding): the tight side of a quantized artifact's verification."""
         raise NotImplementedError
 
-    def generation_check(self, recipe, artifact: Path, reference_model, context) -> dict:
-        """The runtime's own generation loop on the artifact vs greedy tokens: a verification stage."""
+    def metadata_check(self, artifact: Path, checkpoint, max_seq_len: int) -> dict:
+        """The artifact's metadata (what a runtime reads: special ids, vocabulary, context length, cache shapes)
+        against the checkpoint and the export request: a verification stage."""
+        raise NotImplementedError
+
+    def generation_check(self, recipe, artifact: Path, reference_model, context, allowed_error: float = 0.0) -> dict:
+        """The runtime's own generation loop on the artifact, driven like an app (turns, a new sequence), vs greedy
+        tokens: a verification stage. ``allowed_error``: the logit error the graded stages allowed (a difference
+        at a near-tie within it may part the continuations)."""
         raise NotImplementedError
 
     def generate(self, folder: Path, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from exporter.cli.common import EXIT_FAILED, EXIT_OK, ArgumentParser, fail
 from exporter.errors import ExportFailed, UserError
 from exporter.pipeline import ExportRequest, run_export
 from exporter.progress import Progress, table
+from exporter.quiet import native_output_captured
 
 # command-line option -> (recipe field, type a batch file must give)
 OPTIONS = {"group_size": ("group_size", int), "qembedding": ("embedding_quantization", str), "dtype": ("dtype", str),
@@ -22,7 +24,9 @@ def build_parser() -> ArgumentParser:
         description="Export a Hugging Face causal LM to verified ExecuTorch (.pte) and ONNX artifacts.",
     )
     parser.add_argument("--model", required=True,
-                        help=f"hub id, local save_pretrained folder, or builtin:<name> ({', '.join(builtin.names())})")
+                        help="hub id, local save_pretrained folder, .gguf file (or a folder holding one), or "
+                             f"builtin:<name> ({', '.join(builtin.names())})")
+    parser.add_argument("--gguf-file", help="the GGUF file to read when the --model folder holds several")
     parser.add_argument("--target", choices=(*backends.targets(), "all"),
                         help="what to produce (default: the targets of --recipe, else all)")
     parser.add_argument("--recipe", action="append", default=[],
@@ -39,10 +43,13 @@ def build_parser() -> ArgumentParser:
                              "verification thresholds (bf16: XNNPACK has no bf16 kernels)")
     parser.add_argument("--onnx-cache", choices=("static", "dynamic"),
                         help="ONNX KV cache contract: static shared buffer (default) or dynamic concatenation")
-    parser.add_argument("--external-weights", action="store_true", default=None,
-                        help="ExecuTorch: write the weights to model.ptd beside model.pte, each tensor once (a tied "
-                             "embedding and lm_head share one copy); runtimes load both files")
+    parser.add_argument("--external-weights", action=argparse.BooleanOptionalAction, default=None,
+                        help="ExecuTorch: the weights in model.ptd beside model.pte, each tensor once (a tied "
+                             "embedding and lm_head share one copy; the recipes' default), runtimes load both "
+                             "files; --no-external-weights: one self-contained .pte (a tied table stored twice)")
     parser.add_argument("--force", action="store_true", help="replace an existing output folder once verified")
+    parser.add_argument("--force-memory", action="store_true",
+                        help="run even when the estimated peak memory exceeds the memory available")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the summary")
     return parser
 
@@ -92,17 +99,19 @@ def cmd_export(argv: list[str]) -> int:
             raise UserError(f"--max-seq-len must be at least 4, got {args.max_seq_len}")
         chosen = apply_overrides(select_recipes(args.target, args.recipe),
                                  **{option: getattr(args, option) for option in OPTIONS})
-        request = ExportRequest(model=args.model, recipes=chosen,
-                                output=args.output, max_seq_len=args.max_seq_len, force=args.force)
+        request = ExportRequest(model=args.model, recipes=chosen, output=args.output, max_seq_len=args.max_seq_len,
+                                force=args.force, gguf_file=args.gguf_file, force_memory=args.force_memory)
         progress = Progress(quiet=args.quiet)
-        result = run_export(request, progress)
+        with native_output_captured():  # library output stays out of the terminal; progress goes to the console
+            result = run_export(request, progress)
     except UserError as exc:
         return fail(str(exc))
     except ExportFailed as exc:
         print(f"export-model: export failed: {exc}", file=sys.stderr)
         return EXIT_FAILED
     print()
-    print(table(["stage", "what", "seconds"], [[s, w, f"{t:.1f}"] for s, w, t in progress.timings]))
+    print(table(["stage", "what", "seconds", "peak memory"],
+                [[s, w, f"{t:.1f}", f"{m / 2**30:.2f} GiB"] for s, w, t, m in progress.timings]))
     print()
     print(table(["artifact", "target", "size", "max |diff|", "top-1", "verification"], result.rows))
     if result.passed:

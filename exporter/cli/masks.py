@@ -206,7 +206,9 @@ def report(text_config, layers: tuple[LayerSpec, ...], model_label: str, prompt_
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="export-model masks",
                             description="Print each layer type's attention mask pattern as a text grid.")
-    parser.add_argument("--model", required=True, help="hub id, local save_pretrained folder, or builtin:<name>")
+    parser.add_argument("--model", required=True,
+                        help="hub id, local save_pretrained folder, .gguf file, or builtin:<name>")
+    parser.add_argument("--gguf-file", help="the GGUF file to read when the --model folder holds several")
     parser.add_argument("--prompt-len", type=int, default=8, help="number of query tokens (default 8)")
     parser.add_argument("--offset", type=int, default=0, help="tokens already in the cache before them (default 0)")
     parser.add_argument("--left-padding", type=int, default=0,
@@ -232,7 +234,7 @@ def cmd_masks(argv: list[str]) -> int:
             raise UserError(f"--left-padding must be in [0, {args.offset + args.prompt_len - 1}], "
                             f"got {args.left_padding}")
         with tempfile.TemporaryDirectory(prefix="export-model-masks-") as workdir:
-            model = checkpoint.resolve(args.model, Path(workdir))
+            model = checkpoint.resolve(args.model, Path(workdir), args.gguf_file)
         text, matched = report(model.text_config, model.layers, f"{args.model} ({model.model_type})",
                                args.prompt_len, args.offset, args.left_padding)
     except UserError as exc:

@@ -11,6 +11,7 @@ from exporter.cli.common import EXIT_FAILED, EXIT_OK, ArgumentParser, fail
 from exporter.errors import UserError
 from exporter.manifest import check_integrity
 from exporter.progress import Progress, table
+from exporter.quiet import native_output_captured
 from exporter.recipes import Recipe
 from exporter.verification import compare, verify_folder
 
@@ -20,6 +21,7 @@ def build_parser() -> ArgumentParser:
                             description="Re-verify an export-model output folder against the eager model.")
     parser.add_argument("folder", type=Path, help="an output folder written by export-model")
     parser.add_argument("--model", help="checkpoint to compare with (default: the source named in manifest.json)")
+    parser.add_argument("--gguf-file", help="the GGUF file to read when the --model folder holds several")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
 
@@ -39,13 +41,15 @@ def cmd_verify(argv: list[str]) -> int:
             manifest = check_integrity(args.folder)
         recipes = recipes_from_manifest(manifest)
         source = args.model or manifest.get("model", {}).get("source")
+        gguf_file = args.gguf_file or (None if args.model else manifest.get("model", {}).get("gguf_file"))
         if not source:
             raise UserError("manifest.json names no model source; pass --model")
         with tempfile.TemporaryDirectory(prefix="export-model-") as workdir:
             with progress.stage("load", f"reference model {source}"):
-                model = checkpoint.resolve(source, Path(workdir))
-            report = verify_folder(args.folder, manifest["artifacts"], recipes, model, int(manifest["max_seq_len"]),
-                                   progress)
+                model = checkpoint.resolve(source, Path(workdir), gguf_file)
+            with native_output_captured():
+                report = verify_folder(args.folder, manifest["artifacts"], recipes, model,
+                                       int(manifest["max_seq_len"]), progress)
     except UserError as exc:
         return fail(str(exc))
     rows = [[name, *compare.headline(entry), "passed" if entry["passed"] else "FAILED"]

@@ -28,7 +28,7 @@ def _lower(source, tmp_path, name: str, fast: bool, monkeypatch, quantize: bool 
         wrapper = BufferCacheDecoder(model, source.layers, MAX_LEN, custom_ops=True).eval()
         program = export_buffer_decoder(wrapper, MAX_LEN)
     monkeypatch.setattr(lowering_speedups, "supported", lambda: fast)
-    data = lower_to_pte(program, runner_metadata(source.vocab_size, MAX_LEN, [2], 1, use_sdpa_with_kv_cache=True),
+    data = lower_to_pte(program, runner_metadata(source.vocab_size, MAX_LEN, MAX_LEN, [2], 1, use_sdpa_with_kv_cache=True),
                         quantized=quantize)
     path = tmp_path / f"{name}-{'fast' if fast else 'stock'}.pte"
     path.write_bytes(data)

@@ -26,18 +26,20 @@ def test_8da4w_two_sided_verification_and_runner(q4_export):
     entry = report["artifacts"]["model.pte"]
     assert report["passed"] is True and entry["passed"] is True
     names = [s["stage"] for s in entry["stages"]]
-    tight = [s for s in entry["stages"] if s["stage"].startswith(("prefill[", "decode["))]
-    loose = [s for s in entry["stages"] if s["stage"].startswith("vs fp32 ") and "mean_kl" in s]
-    pooled = [s for s in entry["stages"] if s["stage"].startswith("vs fp32 top1[all ")]
+    tight = [s for s in entry["stages"] if "max_abs_diff" in s and not s["stage"].startswith("vs fp32 ")]
+    loose = [s for s in entry["stages"] if s["stage"].startswith("vs fp32 ") and s.get("graded") == "pooled"]
+    pooled = [s for s in entry["stages"] if s["stage"].startswith("vs fp32 pooled[all ")]
+    assert [s for s in entry["stages"] if s["stage"].startswith("top1[all ")][0]["passed"]  # tight side, pooled
     assert tight and len(loose) == len(tight) and len(pooled) == 1
-    assert pooled[0]["positions"] == sum(s["positions"] for s in loose) and pooled[0]["top1_agreement"] >= 0.25
-    assert entry["thresholds"] == {"min_top1_agreement": 0.9, "max_rel_diff": 0.1}
-    assert entry["fp32_thresholds"] == {"min_top1_agreement (all positions)": 0.25, "max_mean_kl (each stage)": 0.1}
+    assert pooled[0]["positions"] == sum(s["positions"] for s in loose) and pooled[0]["top1_agreement"] >= 0.5
+    assert pooled[0]["mean_kl"] <= 1.0 and pooled[0]["passed"]
+    assert entry["thresholds"] == {"min_top1_agreement": 0.9, "max_rel_diff": 0.25}
+    assert entry["fp32_thresholds"] == {"min_top1_agreement (all positions)": 0.5, "max_mean_kl (all positions)": 1.0}
     # quantization is visible against fp32 (the fp32 side is not comparing the model with itself) ...
     assert max(s["max_abs_diff"] for s in loose) > 1e-3
     # ... and the matched side is far tighter than the fp32 side
     assert max(s["max_abs_diff"] for s in tight) < max(s["max_abs_diff"] for s in loose)
-    assert all(0 <= s["mean_kl"] <= 0.1 for s in loose)
+    assert all(0 <= s["mean_kl"] for s in loose)
     assert "text_llm_runner" in names and next(s for s in entry["stages"] if s["stage"] == "text_llm_runner")["passed"]
 
 
@@ -79,7 +81,7 @@ def test_int8_recipe_on_sliding_window_model(tmp_path):
     assert entry["passed"] is True
     decodes = [s for s in entry["stages"] if s["stage"].startswith("decode[")]
     assert any(int(s["stage"][7:].split("+")[0]) + s["positions"] > 3 * 8 for s in decodes)
-    pooled = next(s for s in entry["stages"] if s["stage"].startswith("vs fp32 top1[all "))
+    pooled = next(s for s in entry["stages"] if s["stage"].startswith("vs fp32 pooled[all "))
     assert pooled["top1_agreement"] >= 0.8 and pooled["passed"]
     build = read_json(output / "manifest.json")["build"]["executorch"]
     assert build["quantization"]["scheme"] == "8da8w" and build["quantization"]["group_size"] == 0
@@ -92,10 +94,10 @@ def test_fp16_recipe_graded_against_fp16_and_fp32_eager(tmp_path):
                      "--max-seq-len", "48")
     assert result.returncode == 0, result.stderr[-3000:]
     entry = read_json(output / "verification.json")["artifacts"]["model.pte"]
-    assert entry["passed"] is True and entry["thresholds"]["max_rel_diff"] == 5e-3
+    assert entry["passed"] is True and entry["thresholds"]["max_rel_diff"] == 1e-2
     tight = [s for s in entry["stages"] if s["stage"].startswith(("prefill[", "decode[")) and s["positions"] > 1]
     # float16 is visible (not an fp32 program) but close
-    assert max(s["max_abs_diff"] for s in tight) > 1e-4 and all(s["max_rel_diff"] <= 5e-3 for s in tight)
+    assert max(s["max_abs_diff"] for s in tight) > 1e-4 and all(s["max_rel_diff"] <= 1e-2 for s in tight)
     assert read_json(output / "manifest.json")["recipes"][0]["dtype"] == "float16"
 
 
@@ -132,13 +134,13 @@ def test_external_weights_store_a_tied_embedding_once(tmp_path):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: counted once
     table_bytes = model.lm_head.weight.numel() * 4
     sizes = {}
-    for flag in ([], ["--external-weights"]):
-        output = tmp_path / ("external" if flag else "embedded")
+    for flag in (["--no-external-weights"], ["--external-weights"]):
+        output = tmp_path / ("external" if flag == ["--external-weights"] else "embedded")
         result = run_cli("--model", model_dir, "--target", "executorch", "--output", output, "--quiet", *flag)
         assert result.returncode == 0, result.stderr[-3000:]
         entry = read_json(output / "verification.json")["artifacts"]["model.pte"]
         assert entry["passed"] and {"text_llm_runner", "decode[12+16]"} <= {s["stage"] for s in entry["stages"]}
-        sizes[bool(flag)] = {p.name: p.stat().st_size for p in output.glob("model.pt*")}
+        sizes[flag == ["--external-weights"]] = {p.name: p.stat().st_size for p in output.glob("model.pt*")}
     assert set(sizes[False]) == {"model.pte"} and set(sizes[True]) == {"model.pte", "model.ptd"}
     assert weight_bytes <= sizes[True]["model.ptd"] < weight_bytes + table_bytes / 2
     assert sizes[True]["model.pte"] < weight_bytes / 4  # the program alone
@@ -152,10 +154,10 @@ def test_custom_ops_blocker_names_mla_and_foreign_attention():
 
     from exporter.backends.executorch.build import custom_ops_blocker
 
-    layer = SimpleNamespace(key_shape=(1, 2, 16, 24), value_shape=(1, 2, 16, 16))
+    layer = SimpleNamespace(key_shape=(1, 2, 16, 24), value_shape=(1, 2, 16, 16), has_kv=True, state=None)
     model = SimpleNamespace(_supports_attention_backend=True)
     assert "one head size" in custom_ops_blocker(model, [layer])
-    same = SimpleNamespace(key_shape=(1, 2, 16, 16), value_shape=(1, 2, 16, 16))
+    same = SimpleNamespace(key_shape=(1, 2, 16, 16), value_shape=(1, 2, 16, 16), has_kv=True, state=None)
     assert custom_ops_blocker(model, [same]) is None
     assert "AttentionInterface" in custom_ops_blocker(SimpleNamespace(), [same])
 

@@ -111,9 +111,11 @@ def check_verified(folder: Path, layers: int) -> list:
     assert report["passed"] is True, json.dumps(report)[:3000]
     stages = {s["stage"]: s for s in report["artifacts"]["model.onnx"]["stages"]}
     assert any(name.startswith("decode[") for name in stages) and all(s["passed"] for s in stages.values())
-    assert max(s["max_abs_diff"] for s in stages.values() if "max_abs_diff" in s) <= 1e-4
+    graded = [s for s in stages.values() if "error_ratio" in s]
+    assert graded and all(s["error_ratio"] <= 8.0 for s in graded)  # within the recipe's multiple of fp32's noise
     genai = stages["genai_generate"]
-    assert "skipped" not in genai and genai["actual"] == genai["expected"] and len(genai["actual"][0]) > 0
+    turns = [t for t in genai["turns"] if "skipped" not in t]
+    assert "skipped" not in genai and turns and all(t["matches"] and t["actual"] for t in turns)
     build = read_json(folder / "manifest.json")["build"]["onnx"]
     assert build["attention"] == "onnxruntime_contrib_ops" and build["gqa_layers"] == layers
     # the recipe's onnxruntime fusions ran (a failing fusion pass would say "not applied (...)")

