@@ -173,6 +173,9 @@ class GenAIModel:
         ``append_tokens`` after it starts one position later: that slot stays unwritten but inside the attention
         mask (measured: the next turn's tokens part from eager after a few steps). So a next turn first rewinds by
         one token and appends that token again in front of its ids: the model then sees the whole conversation.
+        A reply that ended with an eos is different: the generator's count already stops before it and appending
+        the next turn's ids as they are gives eager's tokens (measured on SmolLM2-135M: rewinding there drops the
+        reply's last real token and the next turn parts from eager at its third token).
 
         State models (``genai_state_model``): GenAI's recurrent state rewinds only to a snapshot, and a snapshot
         taken after a generated token is labelled one token later than the state it holds (measured). So each turn
@@ -188,7 +191,7 @@ class GenAIModel:
             if replies and replies[-1] and state:
                 generator.rewind_to(mark)
                 ids = replies[-1] + ids
-            elif replies and replies[-1]:
+            elif replies and replies[-1] and replies[-1][-1] not in eos:
                 generator.rewind_to(generator.token_count() - 1)
                 ids = [replies[-1][-1]] + ids
             generator.append_tokens(np.asarray([ids], dtype=np.int32))
