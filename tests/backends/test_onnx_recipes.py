@@ -128,7 +128,8 @@ def test_qembedding_shares_the_tied_lm_head_table(tied_llama_dir):
 
 
 def _corrupt_one_scale(folder: Path, target: Path) -> None:
-    """A copy of ``folder`` whose first MatMulNBits has one block scale multiplied by 3."""
+    """A copy of ``folder`` whose first MatMulNBits has one block scale multiplied by 10 (x3 on one block of 32
+    weights moves tiny-llama's logits by 0.248 of the largest: under the real-weight bound of 0.25, measured)."""
     import onnx
     from onnx import numpy_helper
 
@@ -137,7 +138,7 @@ def _corrupt_one_scale(folder: Path, target: Path) -> None:
     node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
     init = next(i for i in model.graph.initializer if i.name == node.input[2])
     scales = numpy_helper.to_array(init).copy()
-    scales.flat[0] *= 3.0
+    scales.flat[0] *= 10.0
     init.CopyFrom(numpy_helper.from_array(scales, init.name))
     for name in ("model.onnx", "model.onnx.data"):
         (target / name).unlink()
