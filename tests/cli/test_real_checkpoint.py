@@ -6,13 +6,14 @@ used to reject correct artifacts). Slow: each export takes minutes on 2 cores.""
 from __future__ import annotations
 
 import copy
+import os
 import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from exporter import pipeline, recipes
+from exporter import memory, pipeline, recipes
 from exporter.progress import Progress
 from scripts.real_weights import smollm2_gguf
 from tests.cli.test_seeded_bugs import plant_mask_off_by_one, plant_ring_slot_off_by_one, plant_wrong_eos
@@ -116,9 +117,20 @@ def test_second_turn_and_new_sequence_on_real_weights(exported):
 
 
 def _export(tmp_path, model, recipe: str):
+    """Export in this process, builds included: the bugs are planted here by monkeypatching, and a build process
+    of its own (the default from 256 MiB of fp32 weights, exporter/memory.py) would not see them (it did not:
+    a planted mask bug on SmolLM2 once passed every logit stage that way)."""
     request = pipeline.ExportRequest(model=str(model), recipes=[recipes.load(recipe)], output=tmp_path / "out",
                                      max_seq_len=CACHE)
-    result = pipeline.run_export(request, Progress(quiet=True))
+    saved = os.environ.get(memory.ISOLATE_ENV)
+    os.environ[memory.ISOLATE_ENV] = "0"
+    try:
+        result = pipeline.run_export(request, Progress(quiet=True))
+    finally:
+        if saved is None:
+            os.environ.pop(memory.ISOLATE_ENV, None)
+        else:
+            os.environ[memory.ISOLATE_ENV] = saved
     folder = tmp_path / ("out" if result.passed else "out.failed")
     return result.passed, read_json(folder / "verification.json")
 
