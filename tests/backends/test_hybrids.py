@@ -18,7 +18,8 @@ import torch
 
 from exporter import pipeline, recipes
 from exporter.backends.executorch.runtime import ExecuTorchSession
-from exporter.backends.onnx.genai import GenAIModel, verify_genai
+from exporter.backends.onnx.genai import GenAIModel
+from exporter.backends.onnx.genai_verify import verify_genai
 from exporter.backends.onnx.runtime import OnnxSession
 from exporter.generation import EagerSession, eager_margin, greedy_generate
 from exporter.progress import Progress

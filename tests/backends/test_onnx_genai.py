@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.backends.onnx import genai
+from exporter.backends.onnx import genai, genai_verify
 from exporter.backends.onnx.runtime import OnnxSession
 from exporter.generation import eager_greedy, eager_logits, eager_margin
 from exporter.verification.plan import RUNNER_PROMPTS
@@ -75,8 +75,8 @@ def test_genai_config_matches_the_graph(onnx_export):
 
 
 def verify(folder, model, tokenizer, eos):
-    return genai.verify_genai(folder, model, tokenizer, eos, MAX_NEW_TOKENS, OnnxSession, eager_margin(model), 0.0,
-                              threads=THREADS)
+    return genai_verify.verify_genai(folder, model, tokenizer, eos, MAX_NEW_TOKENS, OnnxSession, eager_margin(model), 0.0,
+                                     threads=THREADS)
 
 
 def test_genai_greedy_tokens_equal_eager(onnx_export, reference):
@@ -115,6 +115,39 @@ def test_continuing_a_conversation_without_rewinding_leaves_a_hole(onnx_export, 
     for _ in range(MAX_NEW_TOKENS):
         generator.generate_next_token()
         naive.append(int(generator.get_next_tokens()[0]))
+    assert naive != again
+
+
+def test_a_turn_after_an_eos_reply_sees_the_eos(onnx_export, reference, tmp_path):
+    """After a reply that ended with an eos, GenAI 0.18's count stops before that eos (it was never fed);
+    ``GenAIModel.chat`` feeds it in front of the next turn, so the model sees what eager sees (the conversation
+    with the eos). Appending the next turn as it is drops the eos: on tiny-smollm3 the next token then differed
+    from eager's by a 0.30 logit margin."""
+    import onnxruntime_genai as og
+
+    model, tokenizer = reference
+    first = tokenizer(RUNNER_PROMPT)["input_ids"]
+    second = tokenizer(" The old clockmaker repaired every clock in the valley", add_special_tokens=False)["input_ids"]
+    greedy = eager_greedy(model, first, MAX_NEW_TOKENS, set())
+    index = next(i for i, t in enumerate(greedy) if i >= 1 and t not in greedy[:i])
+    eos = greedy[index]
+    folder = _with_eos(onnx_export, tmp_path / "eos", eos)
+    runtime = genai.GenAIModel(folder, threads=THREADS)
+    reply, again = runtime.chat([first, second], [MAX_NEW_TOKENS, MAX_NEW_TOKENS])
+    assert reply == greedy[: index + 1] and reply[-1] == eos
+    assert again == eager_greedy(model, first + reply + second, MAX_NEW_TOKENS, {eos})
+    generator = og.Generator(runtime.model, runtime._params(runtime.context_length))
+    generator.append_tokens(np.asarray([first], dtype=np.int32))
+    for _ in reply:
+        generator.generate_next_token()
+    assert generator.token_count() == len(first) + len(reply) - 1  # the eos is not counted: it was never fed
+    generator.append_tokens(np.asarray([second], dtype=np.int32))  # as it is: the eos is lost
+    naive = []
+    while len(naive) < MAX_NEW_TOKENS and not generator.is_done():
+        generator.generate_next_token()
+        naive.append(int(generator.get_next_tokens()[0]))
+        if naive[-1] == eos:
+            break
     assert naive != again
 
 

@@ -70,7 +70,7 @@ class OnnxBackend(Backend):
     def generation_check(self, recipe, artifact: Path, reference_model, context, allowed_error: float = 0.0) -> dict:
         """ONNX Runtime GenAI driven like a chat app from the folder vs eager greedy tokens (or, for graphs with
         rounding kernels, the graph's own greedy tokens through plain onnxruntime; see ``genai.verify_genai``)."""
-        from exporter.backends.onnx.genai import verify_genai
+        from exporter.backends.onnx.genai_verify import verify_genai
 
         try:
             stage = verify_genai(artifact.parent, reference_model, context.tokenizer, context.eos,

@@ -34,13 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime_genai as og
-from onnx import helper
-
-from exporter.errors import first_line
-from exporter.generation import EagerSession, compare_greedy, greedy_generate
-from exporter.verification.plan import RUNNER_PROMPTS, runner_prompt_ids, runner_texts
 
 
 def genai_config(config, max_seq_len: int, num_layers: int, kv_heads: int, head_dim: int,
@@ -169,13 +163,13 @@ class GenAIModel:
         """Greedy turns on one generator, as a chat app drives GenAI: each turn's ids after the previous turn's
         generated tokens, then up to ``budgets[i]`` tokens (cut after an eos); the tokens per turn.
 
-        GenAI 0.18 never feeds a turn's last generated token to the model (its next step would), and
-        ``append_tokens`` after it starts one position later: that slot stays unwritten but inside the attention
-        mask (measured: the next turn's tokens part from eager after a few steps). So a next turn first rewinds by
-        one token and appends that token again in front of its ids: the model then sees the whole conversation.
-        A reply that ended with an eos is different: the generator's count already stops before it and appending
-        the next turn's ids as they are gives eager's tokens (measured on SmolLM2-135M: rewinding there drops the
-        reply's last real token and the next turn parts from eager at its third token).
+        GenAI 0.18 never feeds a turn's last generated token to the model (its next step would). After an
+        ordinary token its count already includes that token, so ``append_tokens`` would start one slot later and
+        leave the slot unwritten but inside the attention mask; after an eos the count stops before it. Either way
+        the next turn goes to the slot of that unfed token (rewinding when the count passed it) and appends the
+        token again in front of its ids, so the model sees the whole conversation (measured: appending after an
+        eos as-is drops the eos, tiny-smollm3's next token then differs from eager's by a 0.30 margin; rewinding
+        after an eos drops the reply's last real token).
 
         State models (``genai_state_model``): GenAI's recurrent state rewinds only to a snapshot, and a snapshot
         taken after a generated token is labelled one token later than the state it holds (measured). So each turn
@@ -185,16 +179,19 @@ class GenAIModel:
         generator = og.Generator(self.model, self._params(self.context_length))
         eos = _config_eos(self.config)
         state = genai_state_model(self.config)
-        replies, mark = [], 0
+        replies, mark, fed = [], 0, 0  # fed: tokens the model has seen
         for ids, budget in zip(turns, budgets):
             ids = [int(t) for t in ids]
             if replies and replies[-1] and state:
                 generator.rewind_to(mark)
                 ids = replies[-1] + ids
-            elif replies and replies[-1] and replies[-1][-1] not in eos:
-                generator.rewind_to(generator.token_count() - 1)
+            elif replies and replies[-1]:
+                fed += len(replies[-1]) - 1
+                if generator.token_count() > fed:
+                    generator.rewind_to(fed)
                 ids = [replies[-1][-1]] + ids
             generator.append_tokens(np.asarray([ids], dtype=np.int32))
+            fed += len(ids)
             if state:
                 generator.snapshot_state()
                 mark = generator.token_count()
@@ -265,153 +262,3 @@ def generate_genai(folder: Path, prompt: str | list[int], max_new_tokens: int, t
     eos = _config_eos(model.config)
     result["text"] = model.decode([t for t in result["tokens"] if t not in eos])
     return result
-
-
-def verify_genai(folder, reference_model, tokenizer, eos_ids, max_new_tokens: int, session_factory, margin,
-                 allowed: float, threads: int | None = None, batch_window: int | None = None) -> dict:
-    """ONNX Runtime GenAI driven like a chat app vs greedy tokens of ``reference_model``, token ids compared.
-
-    On one generator: turn 1 (``runner_texts``' first: a chat-formatted prompt when the tokenizer has a template),
-    then turn 2 appended after turn 1's tokens (``GenAIModel.chat``: the whole conversation reaches the model);
-    then turn 2's text as a new sequence on a new generator of the same loaded model; then the plain prompts as one
-    right-padded batch. Both sides stop after
-    an eos: eager after any of ``eos_ids``, GenAI after its ``genai_config.json`` eos (a mismatch fails). A
-    difference at a near-tie (reference margin within ``2 * allowed``) passes, recorded
-    (``exporter.generation.compare_greedy``). ``genai_tokenizer`` reports (without grading) whether GenAI's own
-    tokenizer gives the transformers ids.
-
-    A float16 graph, or one whose MatMulNBits quantize activations to int8 (``accuracy_level`` 4), is graded against
-    its own greedy tokens through plain onnxruntime (``session_factory(path)``, a step session), exactly: such
-    rounding breaks near-ties differently from any eager model (measured: tiny-qwen2 float16 diverged from
-    float16-rounded eager at the 8th token while every teacher-forced logit agreed to 2e-3; tiny-gemma2 int4 at the
-    11th token, one activation on an int8 rounding boundary), so this checks GenAI's loop on the verified graph.
-
-    ``batch_window``: the model's sliding window / chunk, if any. The padded-batch check is then skipped (and
-    says so): GenAI right-pads shorter rows, and the cache applies windows over slots, so a padded row's window
-    holds fewer real tokens than eager's; batch-1 generation is exact.
-    """
-    if not (Path(folder) / "genai_config.json").is_file():  # a state family GenAI has no contract for
-        graph = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
-        reason = {p.key: p.value for p in graph.metadata_props}.get(UNSUPPORTED_KEY, "no genai_config.json")
-        return _onnxruntime_greedy(folder, reference_model, tokenizer, eos_ids, max_new_tokens, session_factory,
-                                   margin, allowed, reason)
-    model = GenAIModel(folder, threads)
-    vocab_size = reference_model.config.get_text_config().vocab_size
-    eos = set(int(t) for t in eos_ids)
-    graph = Path(folder) / model.config["model"]["decoder"]["filename"]
-    rounding = _rounding_kernels(graph)
-    session = session_factory(graph) if rounding else EagerSession(reference_model)
-    expected_from = (f"greedy of the same graph through plain onnxruntime ({rounding})" if rounding
-                     else "eager greedy of the reference model")
-    allowed = 0.0 if rounding else allowed
-
-    def greedy(ids, budget):
-        return greedy_generate(session, ids, budget, eos)["tokens"]
-
-    if tokenizer is not None:
-        first, second = runner_texts(tokenizer)
-        turn_ids = [[int(t) for t in tokenizer(first)["input_ids"]],
-                    [int(t) for t in tokenizer(second, add_special_tokens=False)["input_ids"]]]
-        fresh_ids = [int(t) for t in tokenizer(second.lstrip())["input_ids"]]
-    else:
-        turn_ids = runner_prompt_ids(None, vocab_size)
-        fresh_ids = turn_ids[1]
-    turns, passed, first_reply = [], True, None
-    runs = [("turn 1", [turn_ids[0]]), ("turn 2 (continued)", turn_ids), ("new sequence", [fresh_ids])]
-    for name, inputs in runs:
-        if len(inputs) > 1 and first_reply is None:
-            continue  # turn 1 did not run
-        if len(inputs) > 1 and model.continuation_blocker:
-            turns.append({"turn": name, "skipped": model.continuation_blocker, "expected_skip": True})
-            continue
-        context = (inputs[0] + first_reply if len(inputs) > 1 else []) + inputs[-1]  # the whole conversation
-        budget = min(max_new_tokens, model.context_length - len(context) - 1)
-        if budget < 1:
-            turns.append({"turn": name, "skipped": "no room left in the context"})
-            continue
-        expected = greedy(context, budget)
-        budgets = ([len(first_reply)] if len(inputs) > 1 else []) + [budget]
-        try:
-            actual = model.chat(inputs, budgets)[-1]
-        except Exception as exc:  # noqa: BLE001 - e.g. a generator that refuses tokens after its eos
-            turns.append({"turn": name, "error": first_line(exc, 200), "passed": False})
-            passed = False
-            continue
-        outcome = compare_greedy(expected, actual, lambda i, w, g: margin(context + expected[:i], w, g), allowed)
-        turns.append({"turn": name, "start_pos": len(context) - len(inputs[-1]), "prompt_tokens": len(inputs[-1]),
-                      "expected": expected, "actual": actual, **outcome})
-        passed &= outcome["passed"]
-        if name == "turn 1":
-            first_reply = expected
-        if outcome.get("near_tie"):
-            turns.append({"turn": "later turns", "skipped": "the previous turn parted from eager at a near-tie"})
-            break
-    stage = {"stage": "genai_generate", "turns": turns, "expected_from": expected_from}
-    prompts = [p[: max(1, model.context_length // 2)] for p in runner_prompt_ids(tokenizer, vocab_size)]
-    if batch_window is not None:
-        stage["batch"] = {"skipped": f"windowed layers ({batch_window}): padded rows would see fewer real tokens "
-                                     "in their window than eager"}
-    elif genai_state_model(model.config):
-        stage["batch"] = {"skipped": "state layers: a right-padded row's pad tokens would run through its "
-                                     "convolution / recurrent state, which eager never sees"}
-    else:
-        width = max(len(p) for p in prompts)
-        budget = min(max_new_tokens, model.context_length - width)
-        try:
-            batch = model.generate_batch(prompts, budget)
-            batch_expected = [greedy(p, budget) for p in prompts]
-            stage["batch"] = {"actual": batch, "expected": batch_expected, "passed": batch == batch_expected}
-            passed = passed and stage["batch"]["passed"]
-        except ValueError as exc:
-            stage["batch"] = {"skipped": str(exc)}
-    if tokenizer is not None:
-        stage["genai_tokenizer"] = _tokenizer_report(model, tokenizer)
-    stage["passed"] = passed
-    return stage
-
-
-def _rounding_kernels(onnx_path: Path) -> str | None:
-    """Why the graph's greedy tokens may differ from eager's at near-ties (float16 logits, int8 activations), or
-    None."""
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    logits = next((o for o in graph.output if o.name == "logits"), None)
-    if logits is not None and logits.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16:
-        return "float16"
-    for node in graph.node:
-        if node.op_type == "MatMulNBits" and any(a.name == "accuracy_level" and helper.get_attribute_value(a) == 4
-                                                 for a in node.attribute):
-            return "MatMulNBits int8 activations"
-    return None
-
-
-def _tokenizer_report(model: GenAIModel, tokenizer) -> dict:
-    """GenAI's tokenizer vs transformers' on ``RUNNER_PROMPTS`` (informational: generation is fed HF ids)."""
-    try:
-        genai_ids = [model.encode(text) for text in RUNNER_PROMPTS]
-    except Exception as exc:  # noqa: BLE001 - an unsupported tokenizer.json must not hide the generation result
-        return {"matches": False, "error": first_line(exc, 200)}
-    hf_ids = [[int(t) for t in tokenizer(text)["input_ids"]] for text in RUNNER_PROMPTS]
-    return {"matches": genai_ids == hf_ids, "genai": genai_ids, "transformers": hf_ids}
-
-
-def _onnxruntime_greedy(folder, reference_model, tokenizer, eos_ids, max_new_tokens: int, session_factory, margin,
-                        allowed: float, reason: str) -> dict:
-    """For a folder GenAI cannot run: greedy generation through plain onnxruntime (the graph's documented I/O,
-    ``session_factory``) vs eager greedy, on the first runner prompt and then a new sequence on the same session
-    (the state must start afresh at position 0). GenAI itself is an expected skip with ``reason``."""
-    vocab_size = reference_model.config.get_text_config().vocab_size
-    eos = set(int(t) for t in eos_ids)
-    session = session_factory(Path(folder) / "model.onnx")
-    eager = EagerSession(reference_model)
-    prompts = runner_prompt_ids(tokenizer, vocab_size)
-    turns, passed = [], True
-    for name, ids in (("turn 1", prompts[0]), ("new sequence", prompts[1])):
-        budget = min(max_new_tokens, session.max_seq_len - len(ids) - 1)
-        expected = greedy_generate(eager, ids, budget, eos)["tokens"]
-        actual = greedy_generate(session, ids, budget, eos)["tokens"]
-        outcome = compare_greedy(expected, actual, lambda i, w, g, ids=ids, e=expected: margin(ids + e[:i], w, g),
-                                 allowed)
-        turns.append({"turn": name, "prompt_tokens": len(ids), "expected": expected, "actual": actual, **outcome})
-        passed &= outcome["passed"]
-    return {"stage": "genai_generate", "skipped": reason, "expected_skip": True, "passed": passed,
-            "onnxruntime_generate": {"turns": turns, "expected_from": "eager greedy of the reference model"}}
