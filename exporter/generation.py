@@ -37,13 +37,25 @@ def eager_logits(model, ids: list[int]) -> np.ndarray:
     return out.logits[0].float().numpy()
 
 
-def greedy_generate(session, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> dict:
+def greedy_generate(session, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int],
+                    chunks: list[list[int]] | None = None) -> dict:
     """Greedy decoding on ``session`` from a fresh sequence, stopping after an eos id (kept) or ``max_new_tokens``
-    (capped by the cache); returns the tokens and prefill / decode speed (tokens per second)."""
+    (capped by the cache); returns the tokens and prefill / decode speed (tokens per second).
+
+    ``chunks``: the prompt as the forwards a runtime fed it (a conversation: turn 1's prompt, its reply one token
+    at a time, the next prompt), concatenating to ``prompt_ids``; default one forward. Rounding of an artifact
+    whose kernels quantize activations depends on how its input was chunked, so replaying a runner's chunks gives
+    that runner's exact tokens."""
+    chunks = [list(prompt_ids)] if chunks is None else chunks
+    if [t for chunk in chunks for t in chunk] != list(prompt_ids):
+        raise ValueError("chunks do not concatenate to the prompt")
     session.reset()
     budget = min(max_new_tokens, session.max_seq_len - len(prompt_ids))
     start = time.perf_counter()
-    logits = session.step(prompt_ids, 0)
+    position = 0
+    for chunk in chunks:
+        logits = session.step(chunk, position)
+        position += len(chunk)
     prefill_s = time.perf_counter() - start
     generated = [int(np.argmax(logits[-1]))]
     decode_start = time.perf_counter()

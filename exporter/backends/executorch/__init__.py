@@ -75,11 +75,13 @@ class ExecuTorchBackend(Backend):
         from exporter.backends.executorch.runtime import ExecuTorchSession, verify_text_runner
 
         try:
-            def expected(prompt_ids, n):
-                session = EagerSession(reference_model) if recipe.exact else ExecuTorchSession(artifact)
-                return greedy_generate(session, prompt_ids, n, context.eos)["tokens"]
+            def expected(prompt_ids, n, chunks):
+                if recipe.exact:
+                    return greedy_generate(EagerSession(reference_model), prompt_ids, n, context.eos)["tokens"]
+                return greedy_generate(ExecuTorchSession(artifact), prompt_ids, n, context.eos, chunks)["tokens"]
 
-            stage = verify_text_runner(artifact, context.tokenizer, context.checkpoint.special_ids.bos, expected,
+            stage = verify_text_runner(artifact, context.tokenizer, context.checkpoint.special_ids.bos,
+                                       set(context.eos), expected,
                                        eager_margin(reference_model), allowed_error if recipe.exact else 0.0,
                                        context.generate_tokens, runner_texts(context.tokenizer), context.max_seq_len)
             if not recipe.exact:
