@@ -319,7 +319,7 @@ def pad_values_to_key_dim(plan: list[LayerPlan]) -> list[LayerPlan]:
         if not layer.has_kv:
             padded.append(layer)
             continue
-        (b, kvh, length, dk), (vb, vh, vlen, dv) = layer.key_shape, layer.value_shape
+        (_, kvh, _, dk), (vb, vh, vlen, dv) = layer.key_shape, layer.value_shape
         if dv < dk and vh == kvh:
             layer = dataclasses.replace(layer, value_shape=(vb, vh, vlen, dk))
         padded.append(layer)

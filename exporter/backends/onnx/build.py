@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 import attention
 from attention import onnxruntime_contrib_ops
 from exporter.backends.onnx.fusions import fuse_onnx_file
