@@ -36,7 +36,8 @@ def verify_genai(folder, reference_model, tokenizer, eos_ids, max_new_tokens: in
 
     ``batch_window``: the model's sliding window / chunk, if any. The padded-batch check is then skipped (and
     says so): GenAI right-pads shorter rows, and the cache applies windows over slots, so a padded row's window
-    holds fewer real tokens than eager's; batch-1 generation is exact.
+    holds fewer real tokens than eager's; batch-1 generation is exact. So it is for the float16 / int8-activation
+    graphs: their rounding depends on the batch layout, and a padded row has no exact batch-1 expectation.
     """
     if not (Path(folder) / "genai_config.json").is_file():  # a state family GenAI has no contract for
         graph = onnx.load(str(Path(folder) / "model.onnx"), load_external_data=False)
@@ -106,6 +107,12 @@ def verify_genai(folder, reference_model, tokenizer, eos_ids, max_new_tokens: in
     elif genai_state_model(model.config):
         stage["batch"] = {"skipped": "state layers: a right-padded row's pad tokens would run through its "
                                      "convolution / recurrent state, which eager never sees"}
+    elif rounding:
+        # measured: SmolLM2-135M onnx-int8 / onnx-int4 at cache 96, a padded row parted from the same graph's
+        # batch-1 greedy at its 29th token (fp32 sums over a longer padded row round differently, and an int8
+        # activation then lands on the other side of a rounding step); at cache 2048 the same rows agreed
+        stage["batch"] = {"skipped": f"{rounding}: rounding depends on the batch layout, so a padded row has no "
+                                     "exact batch-1 expectation (batch-1 generation above is exact)"}
     else:
         width = max(len(p) for p in prompts)
         budget = min(max_new_tokens, model.context_length - width)
