@@ -6,6 +6,7 @@ used to reject correct artifacts). Slow: each export takes minutes on 2 cores.""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 
@@ -16,7 +17,10 @@ import torch
 from exporter import memory, pipeline, recipes
 from exporter.progress import Progress
 from scripts.real_weights import smollm2_gguf
-from tests.cli.test_seeded_bugs import plant_mask_off_by_one, plant_ring_slot_off_by_one, plant_wrong_eos
+from exporter.manifest import file_entries
+from tests.cli.test_seeded_bugs import (plant_mask_off_by_one, plant_onnx_scales_doubled, plant_ring_slot_off_by_one,
+                                        plant_rotary_offset, plant_stale_ring_slots, plant_wrong_eos,
+                                        plant_wrong_slot_for_chunks)
 from tests.conftest import read_json, run_cli
 
 pytestmark = pytest.mark.slow
@@ -214,20 +218,80 @@ def test_ring_slot_bug_is_caught_on_real_weights(tmp_path, monkeypatch, windowed
     assert any(s.startswith("decode[") for s in failed), failed
 
 
-def test_quantized_recipes_pass_on_real_weights(tmp_path, gguf):
-    """The 4-bit recipes on trained weights, both targets in one run: logits within the recipes' real-weight bounds
-    and the runtimes' own loops through a whole chat (a continued turn on one loaded program). The continued turn
-    is where quantized artifacts once failed: the expectation fed the conversation in one forward while the
-    runtimes feed prompt, reply tokens and next prompt separately, and int8 activation rounding depends on that
-    (SmolLM2 8da4w parted at the second token of turn 2, margin 0.22, before the expectation replayed the chunks)."""
+# The other planted-bug kinds of tests/cli/test_seeded_bugs.py, on trained logits: (plant, checkpoint fixture,
+# recipe, artifact, a stage that must fail (prefix)).
+REAL_BUGS = {
+    "rotary offset by one": (plant_rotary_offset, "gguf", "onnx-fp32", "model.onnx", "decode["),
+    "kv written at the wrong slot for chunks": (plant_wrong_slot_for_chunks, "gguf", "onnx-fp32", "model.onnx",
+                                                "multi-turn chunk["),
+    "4-bit scales x2 (fp32 side)": (plant_onnx_scales_doubled, "gguf", "onnx-int4", "model.onnx", "vs fp32 "),
+    "stale ring slots on a new sequence": (plant_stale_ring_slots, "windowed", "xnnpack-fp32", "model.pte",
+                                           "second sequence "),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REAL_BUGS))
+def test_planted_bug_is_caught_on_real_weights(tmp_path, monkeypatch, request, name):
+    plant, fixture, recipe, artifact, stage = REAL_BUGS[name]
+    model = request.getfixturevalue(fixture)
+    plant(monkeypatch)
+    try:
+        passed, report = _export(tmp_path, model, recipe)
+    finally:
+        monkeypatch.undo()
+        import attention
+
+        attention.register()
+    assert not passed
+    failed = [s["stage"] for s in report["artifacts"][artifact]["stages"] if not s["passed"]]
+    assert any(s.startswith(stage) for s in failed), failed
+
+
+def test_corrupted_ptd_fails_verify_on_real_weights(tmp_path, exported):
+    """The default export's weights file with one float in 4096 changed (the manifest rewritten to match, so only
+    the numbers can tell): ``export-model verify`` exits 1."""
+    folder = tmp_path / "artifact"
+    shutil.copytree(exported, folder)
+    data = bytearray((folder / "model.ptd").read_bytes())
+    for offset in range(len(data) // 4, len(data) // 2, 16384):
+        data[offset + 2] ^= 0x40
+    (folder / "model.ptd").write_bytes(bytes(data))
+    manifest = read_json(folder / "manifest.json")
+    manifest["files"] = file_entries(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    result = run_cli("verify", folder, timeout=1800)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+# Every shipped recipe beyond the default pair, each on its own target, one CLI run per row.
+RECIPE_RUNS = {
+    "4-bit": ("all", "xnnpack-8da4w", "onnx-int4-gqa"),
+    "8-bit": ("all", "xnnpack-int8", "onnx-int8"),
+    "float16": ("all", "xnnpack-fp16", "onnx-fp16"),
+    "onnx int4": ("onnx", "onnx-int4"),
+    "onnx fp32 gqa": ("onnx", "onnx-fp32-gqa"),
+}
+
+
+@pytest.mark.parametrize("run", sorted(RECIPE_RUNS))
+def test_every_shipped_recipe_passes_on_real_weights(tmp_path, gguf, run):
+    """Every shipped recipe on trained weights: logits within the recipe's real-weight bounds and the runtimes' own
+    loops through a whole chat (a continued turn on one loaded program). The continued turn is where quantized
+    artifacts once failed: the expectation fed the conversation in one forward while the runtimes feed prompt,
+    reply tokens and next prompt separately, and int8 activation rounding depends on that (SmolLM2 8da4w parted at
+    the second token of turn 2, margin 0.22, before the expectation replayed the chunks)."""
+    target, *names = RECIPE_RUNS[run]
     output = tmp_path / "out"
-    result = run_cli("--model", gguf, "--target", "all", "--recipe", "xnnpack-8da4w", "--recipe", "onnx-int4-gqa",
+    result = run_cli("--model", gguf, "--target", target, *[a for n in names for a in ("--recipe", n)],
                      "--output", output, "--max-seq-len", CACHE, timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     report = read_json(output / "verification.json")
-    for name, loop in (("model.pte", "text_llm_runner"), ("model.onnx", "genai_generate")):
-        stages = report["artifacts"][name]["stages"]
-        assert any(s["stage"].startswith("vs fp32 pooled[") and s["passed"] for s in stages), name  # fp32 side
+    assert {entry["recipe"] for entry in report["artifacts"].values()} == set(names)
+    for name, entry in report["artifacts"].items():
+        stages = entry["stages"]
+        loop = "text_llm_runner" if name == "model.pte" else "genai_generate"
+        if not names[-1].endswith("fp32-gqa"):  # a reduced-precision recipe: graded against fp32 eager too
+            assert any(s["stage"].startswith("vs fp32 pooled[") and s["passed"] for s in stages), name
         turns = {t["turn"]: t for t in next(s for s in stages if s["stage"] == loop)["turns"]}
         continued = next(t for n, t in turns.items() if n.startswith("turn 2"))
         assert continued["passed"] and continued["matches"] and continued["start_pos"] > 0, continued
