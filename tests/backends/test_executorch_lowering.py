@@ -38,8 +38,9 @@ def _lower(source, tmp_path, name: str, fast: bool, monkeypatch, quantize: bool 
     return np.concatenate(rows), data.count(b"XnnpackBackend")
 
 
-@pytest.mark.parametrize("name,quantize", [("tiny-llama", False), ("tiny-gemma2", False), ("tiny-gpt2", False),
-                                           ("tiny-llama", True)])
+@pytest.mark.parametrize("name,quantize", [("tiny-llama", False),
+                                           pytest.param("tiny-gemma2", False, marks=pytest.mark.slow),  # 63 s
+                                           ("tiny-gpt2", False), ("tiny-llama", True)])
 def test_fast_lowering_gives_the_stock_program(tmp_path, monkeypatch, builtin_checkpoint, name, quantize):
     """fp32 on three op mixes (tiny-gpt2's addmm needs the full pass list), and 8da4w + 4-bit embedding."""
     assert lowering_speedups.supported()  # the pinned executorch: the fast path is what export-model runs

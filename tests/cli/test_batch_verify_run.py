@@ -193,6 +193,7 @@ def table_rows(stdout: str) -> list[list[str]]:
     return [[cell for i, cell in enumerate(re.split(r"\s{2,}", row)) if i != 2] for row in rows]
 
 
+@pytest.mark.slow  # 76 s: six exports, twice
 def test_sharded_batch_runs_every_entry_once_and_merges_to_the_unsharded_summary(tmp_path):
     jobs = batch_file(tmp_path / "jobs.toml")
     whole = run_cli("batch", jobs, "--output", tmp_path / "whole", "--quiet")

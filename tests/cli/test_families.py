@@ -12,10 +12,10 @@ from exporter.builtin import BUILTIN_CONFIGS, WINDOW, window_of
 from tests.conftest import read_json, run_cli
 
 # tiny-llama: the session export, tests/cli/test_export.py. The quick run covers one family per structural kind
-# (sliding window + softcap, ring, chunked, MoE, composite, conv state, delta-rule state, SSM state, attention and
-# SSM side by side); the rest are the slow subset (CI runs both).
+# (sliding window + softcap, ring, chunked, MoE, composite, conv state, delta-rule state, SSM state beside
+# attention; SSM alone: tests/backends/test_hybrids.py); the rest are the slow subset (CI runs both).
 QUICK = {"tiny-gemma2", "tiny-mistral", "tiny-llama4", "tiny-qwen3-moe", "tiny-gemma3-vision", "tiny-lfm2",
-         "tiny-qwen3-5", "tiny-granitemoehybrid", "tiny-mamba2", "tiny-falcon-h1"}
+         "tiny-qwen3-5", "tiny-granitemoehybrid"}
 FAMILIES = [name if name in QUICK else pytest.param(name, marks=pytest.mark.slow)
             for name in sorted(set(BUILTIN_CONFIGS) - {"tiny-llama"})]
 CACHE = 64
