@@ -75,8 +75,8 @@ def test_genai_config_matches_the_graph(onnx_export):
 
 
 def verify(folder, model, tokenizer, eos):
-    return genai_verify.verify_genai(folder, model, tokenizer, eos, MAX_NEW_TOKENS, OnnxSession, eager_margin(model), 0.0,
-                                     threads=THREADS)
+    return genai_verify.verify_genai(folder, model, tokenizer, eos, MAX_NEW_TOKENS, OnnxSession, eager_margin(model),
+                                     0.0, threads=THREADS)
 
 
 def test_genai_greedy_tokens_equal_eager(onnx_export, reference):

@@ -136,8 +136,8 @@ def verify_text_runner(pte_path: Path, tokenizer, bos_id, eos_ids: set[int], exp
         prompt_tokens = stats[-1].num_prompt_tokens if stats else None
         turn_passed = outcome["passed"] and prompt_tokens == len(ids)
         turns.append({"turn": name, "prompt": text, "start_pos": len(context) - len(ids),
-                      "prompt_tokens": prompt_tokens, "expected_prompt_tokens": len(ids), "expected": expected, "actual_pieces": pieces,
-                      **outcome, "passed": turn_passed,
+                      "prompt_tokens": prompt_tokens, "expected_prompt_tokens": len(ids), "expected": expected,
+                      "actual_pieces": pieces, **outcome, "passed": turn_passed,
                       **({"runner_ignores_first_eos": True} if first_eos else {})})
         passed &= turn_passed
         if outcome.get("near_tie"):  # the runner's cache now holds its own (equally valid) tokens: stop here

@@ -184,12 +184,12 @@ class GenAIModel:
             ids = [int(t) for t in ids]
             if replies and replies[-1] and state:
                 generator.rewind_to(mark)
-                ids = replies[-1] + ids
             elif replies and replies[-1]:
                 fed += len(replies[-1]) - 1
                 if generator.token_count() > fed:
                     generator.rewind_to(fed)
-                ids = [replies[-1][-1]] + ids
+            if replies and replies[-1]:
+                ids = next_turn_ids(replies[-1], ids, state)
             generator.append_tokens(np.asarray([ids], dtype=np.int32))
             fed += len(ids)
             if state:
@@ -240,6 +240,12 @@ class GenAIModel:
             cut = next((i + 1 for i, t in enumerate(new) if t in eos), len(new))
             rows.append(new[:cut])
         return rows
+
+
+def next_turn_ids(reply: list[int], ids: list[int], state: bool) -> list[int]:
+    """What ``GenAIModel.chat`` appends for a next turn ``ids`` after ``reply``: a state model (rewound to its
+    snapshot after the previous prompt) gets the whole reply again, any other the reply's unfed last token."""
+    return (reply if state else reply[-1:]) + ids
 
 
 def _config_eos(config: dict) -> set[int]:

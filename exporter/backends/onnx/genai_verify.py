@@ -9,7 +9,7 @@ from pathlib import Path
 import onnx
 from onnx import helper
 
-from exporter.backends.onnx.genai import UNSUPPORTED_KEY, GenAIModel, genai_state_model
+from exporter.backends.onnx.genai import UNSUPPORTED_KEY, GenAIModel, genai_state_model, next_turn_ids
 from exporter.errors import first_line
 from exporter.generation import EagerSession, compare_greedy, greedy_generate
 from exporter.verification.plan import RUNNER_PROMPTS, runner_prompt_ids, runner_texts
@@ -79,9 +79,10 @@ def verify_genai(folder, reference_model, tokenizer, eos_ids, max_new_tokens: in
             turns.append({"turn": name, "skipped": "no room left in the context"})
             continue
         chunks = None
-        if len(inputs) > 1:  # GenAIModel.chat: a state model re-appends the reply, others its unfed last token
-            chunks = ([inputs[0], first_reply + inputs[-1]] if genai_state_model(model.config) else
-                      [inputs[0], *[[t] for t in first_reply[:-1]], first_reply[-1:] + inputs[-1]])
+        if len(inputs) > 1:  # as GenAIModel.chat feeds them: the prompt, the reply one token at a time, the turn
+            state = genai_state_model(model.config)
+            chunks = [inputs[0], *([] if state else [[t] for t in first_reply[:-1]]),
+                      next_turn_ids(first_reply, inputs[-1], state)]
         expected = greedy(context, budget, chunks)
         budgets = ([len(first_reply)] if len(inputs) > 1 else []) + [budget]
         try:
